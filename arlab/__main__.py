@@ -1,0 +1,5 @@
+import sys
+
+from arlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,315 @@
+"""The ``arlab`` command line.
+
+User errors (bad config keys, unknown names, unusable data) print one clear message and exit with
+code 2, without a traceback; ``ARLAB_DEBUG=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+
+from arlab import __version__
+from arlab.errors import ArlabError
+
+EPILOG = {
+    "list": """examples:
+  arlab list                 every kind, component and preset
+  arlab list data            data components with their parameters and defaults""",
+    "config": """examples:
+  arlab config shapes/quickstart
+  arlab config experiments/shapes/quickstart.yaml data.batch_size=16 trainer.max_steps=100
+  arlab config shapes/quickstart data=cifar10 --where     annotate each value with its file""",
+    "check": """examples:
+  arlab check                validate every preset in registry/ and experiment in experiments/""",
+    "data pack": """examples:
+  arlab data pack ../shared/data/cifar10-jpg.tar.gz data/cifar10
+  arlab data pack ~/imagenet data/imagenet --shard-size 2000 --splits train,val""",
+    "data shapes": """examples:
+  arlab data shapes data/shapes --n-train 10000 --n-test 1000""",
+    "train": """examples:
+  arlab train shapes/tokenizer-fsq
+  arlab train shapes/tokenizer-vq trainer.max_steps=500 run.dir=runs/vq-try
+  arlab train runs/vq-try/config.yaml          resume that run from its last checkpoint""",
+    "tokenize": """examples:
+  arlab tokenize runs/vq-try/checkpoints/last.ckpt shapes runs/vq-try/tokens --flip
+  arlab tokenize runs/vq-try/checkpoints/last.ckpt data/cifar10 data/cifar10-vq-tokens""",
+    "data info": """examples:
+  arlab data info data/cifar10""",
+}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from arlab import registry
+    from arlab.config import presets
+
+    kinds = registry.kinds()
+    if args.kind:
+        if args.kind not in kinds:
+            registry.get(args.kind, "")  # raises with the known kinds
+        kinds = [args.kind]
+    for kind in kinds:
+        print(f"{kind}: {registry.kind_doc(kind)}")
+        for entry in registry.entries(kind):
+            print(f"  {entry.name:<14} {entry.doc}")
+            for p in registry.params(entry):
+                default = "(required)" if p.required else json.dumps(p.default)
+                line = f"      {p.name}: {p.type} = {default}"
+                print(line + (f"  # {p.help}" if p.help else ""))
+        names = presets(kind)
+        if names:
+            print("  presets:")
+            for name, path in names.items():
+                print(f"    {name:<20} {_preset_summary(path)}")
+        print()
+    return 0
+
+
+def _preset_summary(path) -> str:
+    first = ""
+    target = ""
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#") and not first:
+            first = s.lstrip("# ").strip()
+        elif s.startswith(("type:", "preset:")) and not target:
+            target = s.replace(" ", "")
+    return f"[{target}] {first}".strip()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from arlab.config import load_experiment
+
+    exp = load_experiment(args.experiment, args.overrides)
+    sys.stdout.write(exp.to_yaml(annotate=args.where))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from arlab import registry
+    from arlab.config import experiments, load_experiment, presets, validate_preset
+
+    n, failures = 0, []
+    for kind in registry.kinds():
+        for name in presets(kind):
+            n += 1
+            try:
+                validate_preset(kind, name)
+            except ArlabError as e:
+                failures.append(f"preset {kind}/{name}: {e}")
+    for name in experiments():
+        n += 1
+        try:
+            load_experiment(name)
+        except ArlabError as e:
+            failures.append(f"experiment {name}: {e}")
+    for f in failures:
+        print(f"FAIL {f}", file=sys.stderr)
+    print(f"checked {n} presets and experiments: {n - len(failures)} ok, {len(failures)} failed")
+    return 2 if failures else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from arlab.config import load_experiment
+    from arlab.train import fit
+
+    exp = load_experiment(args.experiment, args.overrides)
+    metrics = fit(exp)
+    print(f"run directory: {exp.run.dir}")
+    for k in sorted(metrics):
+        if k.startswith(("val/", "perf/", "train/steps")):
+            print(f"  {k}: {float(metrics[k]):.4g}")
+    return 0
+
+
+def _shard_folder(ref: str) -> str:
+    """A shard folder, or a data preset name (e.g. 'shapes') whose shards are made if needed."""
+    from pathlib import Path
+
+    if Path(ref).exists():
+        return ref
+    from arlab.config import presets
+
+    if ref in presets("data"):
+        from arlab.registry import build
+
+        dm = build("data", ref)
+        dm.prepare_data()
+        return str(dm.root)
+    from arlab.errors import DataError, did_you_mean
+
+    raise DataError(f"'{ref}' is neither a shard folder nor a data preset.{did_you_mean(ref, presets('data'))} "
+                    f"Data presets: {', '.join(presets('data'))}")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from arlab.tokenizer.tokenize import tokenize_shards
+
+    splits = [s for s in args.splits.split(",") if s] or None
+    shards = _shard_folder(args.shards)
+    m = tokenize_shards(args.ckpt, shards, args.out, splits=splits, flip=args.flip,
+                        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    for split, info in m["splits"].items():
+        print(f"{split}: {info['count']} token sequences of {m['tokenizer']['tokens_per_image']} tokens "
+              f"({info['samples_per_s']:.0f} samples/s)")
+    if m["corrupt"]:
+        print(f"skipped {len(m['corrupt'])} corrupt image(s) (listed in {args.out}/dataset.json)")
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from arlab.data.pack import pack_imagefolder
+
+    t0 = time.perf_counter()
+    splits = [s for s in args.splits.split(",") if s] if args.splits else None
+    m = pack_imagefolder(args.src, args.out, shard_size=args.shard_size, seed=args.seed, splits=splits,
+                         name=args.name, workers=args.workers, progress=not args.quiet,
+                         overwrite=args.overwrite)
+    dt = time.perf_counter() - t0
+    total = sum(s["count"] for s in m["splits"].values())
+    for split, info in m["splits"].items():
+        print(f"{split}: {info['count']} samples in {len(info['shards'])} shards")
+    bad = m.get("corrupt", [])
+    if bad:
+        print(f"skipped {len(bad)} corrupt or unreadable file(s) (listed in {args.out}/dataset.json):")
+        for item in bad[:20]:
+            print(f"  {item['split']}/{item['path']}: {item['error']}")
+        if len(bad) > 20:
+            print(f"  ... and {len(bad) - 20} more")
+    print(f"packed {total} images from {args.src} into {args.out} in {dt:.1f} s ({total / dt:.0f} images/s)")
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from arlab.data.shapes import write_shapes
+
+    t0 = time.perf_counter()
+    m = write_shapes(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, size=args.size,
+                     shard_size=args.shard_size, progress=not args.quiet)
+    dt = time.perf_counter() - t0
+    total = sum(s["count"] for s in m["splits"].values())
+    print(f"wrote {total} shapes images into {args.out} in {dt:.1f} s ({total / dt:.0f} images/s)")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from arlab.data.datamodule import manifest_summary
+
+    print(manifest_summary(args.root))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add(sub, name: str, func: Callable, help: str, key: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=EPILOG.get(key or name),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arlab",
+        description=textwrap.dedent("""\
+            arlab: autoregressive image generation lab (Token-Shuffle, VAR, NAR, raster AR).
+            Components are registered by kind and name; experiments are YAML files that pick presets
+            and override keys; every command validates its config before doing any work."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="run 'arlab COMMAND --help' for a command's options and examples",
+    )
+    parser.add_argument("--version", action="version", version=f"arlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _add(sub, "list", cmd_list, "list component kinds, components (parameters, defaults) and presets")
+    p.add_argument("kind", nargs="?", help="only this kind (e.g. data, quantizer, order)")
+
+    p = _add(sub, "config", cmd_config, "print the fully resolved config of an experiment")
+    p.add_argument("experiment", help="experiment name (shapes/quickstart) or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides KEY=VALUE (slot=PRESET replaces a slot)")
+    p.add_argument("--where", action="store_true", help="annotate each value with the file that set it")
+
+    _add(sub, "check", cmd_check, "validate every preset and experiment")
+
+    data = sub.add_parser("data", help="make and inspect dataset shards",
+                          description="make and inspect WebDataset shards")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
+
+    p = _add(dsub, "pack", cmd_data_pack, "pack an ImageFolder (dir or .tar/.tar.gz) into WebDataset shards",
+             "data pack")
+    p.add_argument("src", help="ImageFolder root (split/class/image) or a .tar/.tar.gz of one")
+    p.add_argument("out", help="output folder (gets dataset.json and <split>/shard-NNNNNN.tar)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample-order shuffle (default 0)")
+    p.add_argument("--splits", default="", help="comma-separated splits to pack (default: all)")
+    p.add_argument("--name", default=None, help="dataset name in the manifest (default: from SRC)")
+    p.add_argument("--workers", type=int, default=0, help="decode workers (default 0: one per CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _add(dsub, "shapes", cmd_data_shapes, "write the embedded procedural shapes dataset as shards",
+             "data shapes")
+    p.add_argument("out")
+    p.add_argument("--n-train", type=int, default=10000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--quiet", action="store_true")
+
+    p = _add(dsub, "info", cmd_data_info, "summarise a shard folder's manifest", "data info")
+    p.add_argument("root")
+
+    p = _add(sub, "train", cmd_train, "train an experiment (its task: tokenizer, generator, ...)")
+    p.add_argument("experiment", help="experiment name (shapes/tokenizer-vq) or YAML file (a run's config.yaml "
+                                      "resumes that run)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides KEY=VALUE")
+
+    p = _add(sub, "tokenize", cmd_tokenize, "encode image shards into token shards with a tokenizer checkpoint")
+    p.add_argument("ckpt", help="checkpoint of a 'task: tokenizer' run")
+    p.add_argument("shards", help="image shard folder (dataset.json) or a data preset name (shapes, cifar10)")
+    p.add_argument("out", help="output token shard folder")
+    p.add_argument("--splits", default="", help="comma-separated splits (default: all)")
+    p.add_argument("--flip", action="store_true", help="also encode each image mirrored (key suffix _f)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("ARLAB_LOG", "INFO"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ArlabError as e:
+        if os.environ.get("ARLAB_DEBUG"):
+            raise
+        print(f"arlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("arlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

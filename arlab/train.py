@@ -1,0 +1,124 @@
+"""``arlab train``: one experiment → one run directory.
+
+The experiment's ``task`` slot names the LightningModule (``task/tokenizer``, ``task/generator``);
+its ``data`` slot the DataModule. The run directory holds::
+
+    config.yaml              the resolved config (reproduces the run on its own)
+    checkpoints/last.ckpt    resumable (model, optimizers, data position, RNG); plus step-N.ckpt
+    tb/                      TensorBoard scalars and image grids
+    metrics.json             final metrics, flat keys, numbers only
+
+A run directory that already has ``checkpoints/last.ckpt`` is resumed (``run.resume: auto``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from arlab.config import Experiment, run_dir, write_metrics
+from arlab.errors import ConfigError
+
+log = logging.getLogger("arlab.train")
+
+
+class Throughput(pl.Callback):
+    """Logs training images/s and (when the module reports ``tokens_per_sample``) tokens/s."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.samples = 0
+        self.rate = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.t0 is None:
+            self.t0, self.samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = len(batch["label"]) if isinstance(batch, dict) and "label" in batch else 0
+        self.samples += n * trainer.world_size
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self.t0 is not None:
+            dt = time.perf_counter() - self.t0
+            if dt > 0 and self.samples:
+                self.rate = self.samples / dt
+                pl_module.log("perf/train_images_per_s", self.rate, rank_zero_only=True)
+                tps = getattr(pl_module, "tokens_per_sample", 0)
+                if tps:
+                    pl_module.log("perf/train_tokens_per_s", self.rate * tps, rank_zero_only=True)
+            self.t0, self.samples = time.perf_counter(), 0
+
+
+def resume_path(exp: Experiment, run: Path) -> str | None:
+    mode = exp.run.resume
+    if mode == "never":
+        return None
+    if mode != "auto":
+        if not Path(mode).is_file():
+            raise ConfigError(f"run.resume: checkpoint '{mode}' does not exist")
+        return mode
+    last = run / "checkpoints" / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    t = exp.trainer
+    ckpt = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step}", save_last=True, save_top_k=-1,
+                           every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False)
+    logger = TensorBoardLogger(save_dir=str(run), name="", version="tb", default_hp_metric=False)
+    cbs: list[pl.Callback] = [ckpt, LearningRateMonitor(logging_interval="step"), Throughput()]
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+    return pl.Trainer(default_root_dir=str(run), logger=logger, callbacks=cbs + (callbacks or []),
+                      use_distributed_sampler=False, enable_model_summary=True, **t.lightning_kwargs())
+
+
+def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+    """Train ``exp`` to ``trainer.max_steps``; returns the final metrics (also in metrics.json)."""
+    if not exp.has("task"):
+        raise ConfigError(f"experiment '{exp.name}' has no 'task' (what to train: e.g. task: tokenizer)")
+    if not exp.has("data"):
+        raise ConfigError(f"experiment '{exp.name}' has no 'data'")
+    run = run_dir(exp)
+    pl.seed_everything(exp.run.seed, workers=True, verbose=False)
+    datamodule = exp.build("data", seed=exp.run.seed)
+    module = exp.build("task", experiment=exp.tree)
+    trainer = build_trainer(exp, run, callbacks)
+    ckpt_path = resume_path(exp, run)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        wall = time.perf_counter() - t0
+        validated_last = getattr(module, "last_val_step", None) == trainer.global_step
+        if datamodule.val_dataloader() != [] and trainer.limit_val_batches and not validated_last:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
+        metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items()}
+        metrics["train/steps"] = trainer.global_step
+        metrics["train/wall_s"] = wall
+        final = getattr(module, "final_metrics", None)
+        if callable(final):
+            metrics.update(final())
+        if trainer.is_global_zero:
+            write_metrics(run, metrics)
+            artifacts = getattr(module, "save_artifacts", None)
+            if callable(artifacts):
+                for path in artifacts(run):
+                    log.info("wrote %s", path)
+    finally:
+        # gloo aborts at exit if its process group is still alive
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    log.info("run directory: %s", run)
+    return metrics

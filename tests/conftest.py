@@ -1,0 +1,85 @@
+"""Shared fixtures: small image shard folders made on the fly, hygiene for torch state."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arlab.data.shards import ShardWriter, add_split, new_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_image_shards(root: Path, counts: list[int], *, size: int = 8, classes: int = 3,
+                      corrupt_keys: tuple[str, ...] = (), split: str = "train") -> dict:
+    """Shards with ``counts[i]`` samples in shard i; sample j's pixels encode j (exact checks).
+
+    Key ``kNNNNNN``, label ``j % classes``, pixel (0, 0, 0) = j % 256, (0, 0, 1) = j // 256.
+    """
+    classes_l = [f"c{i}" for i in range(classes)]
+    shards = []
+    j = 0
+    per_class = dict.fromkeys(classes_l, 0)
+    for i, n in enumerate(counts):
+        with ShardWriter(root / split, shard_size=10**9, prefix=f"shard{i:03d}") as w:
+            for _ in range(n):
+                key = f"k{j:06d}"
+                arr = np.full((size, size, 3), 128, np.uint8)
+                arr[0, 0, 0], arr[0, 0, 1] = j % 256, j // 256
+                arr[:, : size // 2, 2] = 255  # left half marked: flips are visible
+                data = b"not an image" if key in corrupt_keys else png_bytes(arr)
+                w.write({"__key__": key, "png": data, "cls": j % classes, "txt": f"caption {j}"})
+                per_class[classes_l[j % classes]] += 1
+                j += 1
+        shards += w.shards
+    m = new_manifest("synthetic", classes_l, shard_size=max(counts))
+    add_split(m, split, shards, per_class, {f"{size}x{size}": sum(counts)})
+    write_manifest(root, m)
+    return m
+
+
+@pytest.fixture
+def image_shards(tmp_path: Path):
+    """Factory fixture: ``image_shards(counts, **kw) -> root``."""
+
+    def make(counts: list[int], **kw) -> Path:
+        root = tmp_path / f"shards{len(list(tmp_path.iterdir()))}"
+        make_image_shards(root, counts, **kw)
+        return root
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _torch_hygiene():
+    """Each test starts with the same RNG state and default dtype."""
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def arlab_cache(tmp_path_factory) -> Path:
+    """A session-wide ARLAB_CACHE so generated datasets are made once per test run."""
+    path = tmp_path_factory.mktemp("arlab-cache")
+    old = os.environ.get("ARLAB_CACHE")
+    os.environ["ARLAB_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ARLAB_CACHE", None)
+    else:
+        os.environ["ARLAB_CACHE"] = old
