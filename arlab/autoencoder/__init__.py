@@ -1,0 +1,1 @@
+"""Autoencoders: the convolutional encoder/decoder pair that every quantizer shares."""
