@@ -1,0 +1,1 @@
+"""Tokenizers: autoencoder + quantizer, their training losses, and token shards."""

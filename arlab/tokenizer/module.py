@@ -1,0 +1,296 @@
+"""``task/tokenizer``: trains a tokenizer (VQGAN recipe) as a LightningModule.
+
+Generator loss (LlamaGen ``VQLoss`` / taming): ``rec_weight·rec + quant_weight·quantizer loss
++ perceptual_weight·perceptual + disc_weight·adapt·G_adv`` where ``rec`` is L1 or L2, the
+perceptual net is pluggable and never downloaded, and the PatchGAN (hinge by default) joins at
+``disc_start`` (before it, D is neither used nor trained, as LlamaGen's ``adopt_weight``). G and D
+are stepped once per batch by one optimizer with two parameter groups, so ``global_step`` counts
+batches. Logs: losses, PSNR, SSIM, codebook usage and perplexity over a window (not a batch),
+and image grids of inputs next to reconstructions.
+
+The checkpoint's hyper-parameters are the experiment's plain resolved config, so
+``load_tokenizer(path)`` rebuilds the tokenizer from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from arlab.errors import ConfigError
+from arlab.metrics import CodebookUsage, psnr, ssim
+from arlab.registry import build, register
+from arlab.tokenizer.vqgan import VQGANTokenizer
+
+log = logging.getLogger("arlab.tokenizer")
+
+
+@register("task", "tokenizer")
+class TokenizerModule(pl.LightningModule):
+    """Train the experiment's tokenizer: reconstruction + quantizer (+ perceptual, + PatchGAN) losses."""
+
+    @dataclass
+    class Config:
+        optimizer: str = "adam"  # adam (LlamaGen, VQGAN) or adamw
+        lr: float = 2e-4  # peak learning rate after warm-up
+        betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # VQGAN's; LlamaGen uses (0.9, 0.95)
+        weight_decay: float = 0.0
+        warmup_steps: int = 100  # linear warm-up steps
+        lr_schedule: str = "constant"  # after warm-up: constant (LlamaGen) or cosine (to min_lr_ratio·lr)
+        min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+        grad_clip: float = 1.0  # max grad norm (0 disables)
+        rec_loss: str = "l1"  # l1 or l2
+        rec_weight: float = 1.0
+        quant_weight: float = 1.0  # weight of the quantizer's own loss (codebook + commitment)
+        perceptual_weight: float = 0.0  # 0 disables; needs perceptual_weights_path for vgg16
+        perceptual_network: str = "vgg16"  # vgg16, a timm name, or 'random' (plumbing only)
+        perceptual_weights_path: str = ""  # local weights file; arlab never downloads
+        disc_weight: float = 0.0  # PatchGAN weight; 0 disables the discriminator
+        disc_start: int = 2000  # step at which D starts training and G_adv joins
+        disc_loss: str = "hinge"  # hinge or vanilla
+        gen_loss: str = "hinge"  # hinge or non_saturating
+        disc_norm: str = "group"  # batch (LlamaGen), group or none
+        disc_lr_ratio: float = 1.0  # D learning rate = lr * ratio
+        adaptive_disc_weight: bool = False  # VQGAN's |grad rec| / |grad G_adv| at the last layer
+        usage_window: int = 200  # steps over which train codebook usage is counted
+        log_images_every_n_steps: int = 500
+        n_log_images: int = 16
+
+        def __post_init__(self) -> None:
+            choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
+                       "rec_loss": ("l1", "l2"), "disc_loss": ("hinge", "vanilla"),
+                       "gen_loss": ("hinge", "non_saturating"), "disc_norm": ("batch", "group", "none")}
+            for key, valid in choices.items():
+                if getattr(self, key) not in valid:
+                    raise ConfigError(f"{key} {getattr(self, key)!r} is not one of {', '.join(valid)}")
+            if len(self.betas) != 2:
+                raise ConfigError(f"betas must be two numbers, got {self.betas}")
+
+        def check(self, exp) -> None:
+            if not exp.has("tokenizer"):
+                raise ConfigError("task 'tokenizer' needs a 'tokenizer' slot (e.g. tokenizer: shapes-vq)")
+
+    def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None):
+        super().__init__()
+        if experiment is None:
+            raise ConfigError("TokenizerModule needs the experiment config (experiment=...)")
+        if cfg is None:  # rebuilt from a checkpoint's hyper-parameters
+            from arlab.config import validate_component
+
+            cfg = validate_component("task", experiment["task"])[1]
+        self.save_hyperparameters({"experiment": experiment})  # a plain dict: loads with weights_only
+        self.cfg = cfg
+        self.automatic_optimization = False
+        self.tokenizer: VQGANTokenizer = build("tokenizer", experiment["tokenizer"])
+        self.tokens_per_sample = self.tokenizer.tokens_per_image
+        self.disc = None
+        if cfg.disc_weight > 0:
+            from arlab.tokenizer.discriminator import PatchGAN, PatchGANConfig
+
+            self.disc = PatchGAN(PatchGANConfig(norm=cfg.disc_norm))
+        self.perceptual = None
+        if cfg.perceptual_weight > 0:
+            from arlab.tokenizer.perceptual import PerceptualConfig, PerceptualLoss
+
+            net = PerceptualLoss(PerceptualConfig(network=cfg.perceptual_network,
+                                                  weights_path=cfg.perceptual_weights_path))
+            # not a registered submodule: its frozen weights come from weights_path, not checkpoints
+            object.__setattr__(self, "perceptual", net)
+        self.train_usage = CodebookUsage(self.tokenizer.codebook_size)
+        self.val_usage = CodebookUsage(self.tokenizer.codebook_size)
+        self._val_images: tuple[Tensor, Tensor] | None = None
+        self.last_val: dict[str, float] = {}
+        self.last_val_step = -1  # global step of the last (non-sanity) validation
+        self.last_train_usage: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ optim
+    def configure_optimizers(self):
+        c = self.cfg
+        groups = [{"params": list(self.tokenizer.parameters()), "lr": c.lr}]
+        if self.disc is not None:
+            groups.append({"params": list(self.disc.parameters()), "lr": c.lr * c.disc_lr_ratio})
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, self._total_steps(),
+                                                                     c.lr_schedule, c.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 0
+
+    # ------------------------------------------------------------------------------ losses
+    def _rec(self, xrec: Tensor, x: Tensor) -> Tensor:
+        return F.l1_loss(xrec, x) if self.cfg.rec_loss == "l1" else F.mse_loss(xrec, x)
+
+    def _disc_active(self) -> bool:
+        return self.disc is not None and self.global_step >= self.cfg.disc_start
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        from arlab.tokenizer import discriminator as D
+
+        c = self.cfg
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        x = batch["image"]
+        xrec, q = self.tokenizer(x)
+        rec = self._rec(xrec, x)
+        loss = c.rec_weight * rec + c.quant_weight * q.loss
+        logs = {"train/rec": rec.detach(), "train/quant": q.loss.detach()}
+        if self.perceptual is not None:
+            p = self.perceptual.to(x.device)(xrec, x).mean()
+            loss = loss + c.perceptual_weight * p
+            logs["train/perceptual"] = p.detach()
+        disc_on = self._disc_active()
+        if disc_on:
+            assert self.disc is not None
+            fake = self.disc(xrec)
+            g_adv = D.hinge_g_loss(fake) if c.gen_loss == "hinge" else D.non_saturating_g_loss(fake)
+            w = torch.tensor(c.disc_weight, device=x.device)
+            if c.adaptive_disc_weight:
+                w = w * D.adaptive_weight(c.rec_weight * rec, g_adv, self.tokenizer.autoencoder.last_layer)
+            loss = loss + w * g_adv
+            logs["train/g_adv"] = g_adv.detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite tokenizer loss {loss.item()} at step {self.global_step} (batch {batch_idx}, "
+                f"keys {batch.get('key', [])[:4]}...); the last good checkpoint is kept"
+            )
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if disc_on:
+            assert self.disc is not None
+            for p_ in self.disc.parameters():  # G_adv must not train D
+                p_.grad = None
+            real, fake = self.disc(x.detach()), self.disc(xrec.detach())
+            d_loss = D.hinge_d_loss(real, fake) if c.disc_loss == "hinge" else D.vanilla_d_loss(real, fake)
+            self.manual_backward(d_loss)
+            logs["train/d_loss"] = d_loss.detach()
+            logs["train/logits_real"] = real.detach().mean()
+            logs["train/logits_fake"] = fake.detach().mean()
+        if c.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+
+        self.train_usage.update(q.indices)
+        if (self.global_step + 1) % c.usage_window == 0:
+            # window metrics go straight to the logger at their own step: through self.log they would be
+            # re-logged (stale) at every later logging step until the next window closes
+            self.train_usage.reduce()
+            window = {"train/usage": self.train_usage.usage(), "train/perplexity": self.train_usage.perplexity()}
+            self.train_usage.reset()
+            if self.logger is not None and self.trainer.is_global_zero:
+                self.logger.log_metrics(window, step=self.global_step)
+            self.last_train_usage = window
+        with torch.no_grad():
+            logs["train/psnr"] = psnr(xrec.detach(), x).mean()
+        logs["train/loss"] = loss.detach()
+        for k, v in q.stats.items():
+            if v.numel() == 1:
+                logs[f"train/q_{k}"] = v.detach().float()
+        self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("rec", rec.detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+        if c.log_images_every_n_steps and self.global_step % c.log_images_every_n_steps == 0:
+            self._log_pairs("train/reconstructions", x, xrec)
+        return loss.detach()
+
+    # ------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.val_usage.reset()
+        self._val_images = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        xrec, q = self.tokenizer(x)
+        xrec = xrec.float().clamp(-1, 1)
+        b = x.shape[0]
+        self.log_dict({"val/rec": self._rec(xrec, x), "val/psnr": psnr(xrec, x).mean(),
+                       "val/ssim": ssim(xrec, x).mean(), "val/quant": q.loss},
+                      batch_size=b, sync_dist=True, prog_bar=False)
+        self.val_usage.update(q.indices)
+        if self._val_images is None:
+            self._val_images = (x[: self.cfg.n_log_images], xrec[: self.cfg.n_log_images])
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_usage.reduce()
+        usage, ppl = self.val_usage.usage(), self.val_usage.perplexity()
+        self.log_dict({"val/usage": usage, "val/perplexity": ppl}, sync_dist=False, rank_zero_only=True)
+        if self._val_images is not None:
+            self._log_pairs("val/reconstructions", *self._val_images)
+        m = self.trainer.callback_metrics
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+        self.last_val = {k: float(v) for k, v in m.items() if k.startswith("val/")}
+        self.last_val.update({"val/usage": usage, "val/perplexity": ppl})
+
+    def _log_pairs(self, tag: str, x: Tensor, xrec: Tensor) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
+            return
+        from torchvision.utils import make_grid
+
+        n = min(self.cfg.n_log_images, x.shape[0])
+        pairs = torch.stack([x[:n], xrec[:n].float().clamp(-1, 1)], dim=1).flatten(0, 1)  # x0, r0, x1, r1...
+        grid = make_grid(pairs.detach().cpu().float().add(1).div(2), nrow=8, padding=1)
+        exp.add_image(tag, grid, self.global_step)
+
+    def final_metrics(self) -> dict[str, float]:
+        return {**self.last_train_usage, **self.last_val}
+
+    def save_artifacts(self, run: Path) -> list[Path]:
+        """``reconstructions.png``: validation inputs (odd columns) next to reconstructions (even)."""
+        if self._val_images is None:
+            return []
+        from torchvision.utils import save_image
+
+        x, xrec = self._val_images
+        pairs = torch.stack([x, xrec.float().clamp(-1, 1)], dim=1).flatten(0, 1).detach().cpu().float()
+        path = Path(run) / "reconstructions.png"
+        save_image(pairs.add(1).div(2), path, nrow=8, padding=1)
+        return [path]
+
+
+def warmup_cosine(warmup: int, total: int, schedule: str, floor: float):
+    """LR multiplier per step: linear warm-up over ``warmup`` steps, then constant or cosine to ``floor``."""
+    import math
+
+    warmup = max(1, warmup)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def load_tokenizer(path: str | Path, map_location: str = "cpu") -> VQGANTokenizer:
+    """The frozen tokenizer of a ``task/tokenizer`` checkpoint (eval mode, no gradients)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    exp = (ckpt.get("hyper_parameters") or {}).get("experiment")
+    task = (exp or {}).get("task", {}).get("type")
+    if task != "tokenizer":
+        raise ConfigError(
+            f"'{path}' is not a tokenizer checkpoint (its task is {task!r}); give the checkpoint of a "
+            f"'task: tokenizer' run (runs/<experiment>/<time>/checkpoints/last.ckpt)"
+        )
+    tok: VQGANTokenizer = build("tokenizer", exp["tokenizer"])
+    state = {k.removeprefix("tokenizer."): v for k, v in ckpt["state_dict"].items() if k.startswith("tokenizer.")}
+    tok.load_state_dict(state)
+    tok.eval().requires_grad_(False)
+    tok.source_experiment = exp  # type: ignore[attr-defined]
+    return tok
