@@ -35,7 +35,7 @@ from typing import Any
 from arlab.errors import ConfigError, did_you_mean, format_choices
 
 # Packages under arlab/ that hold components; each one's docstring describes the kind.
-_COMPONENT_PACKAGES = ("data", "autoencoder", "quantizer", "tokenizer", "order", "shuffle", "backbone",
+_COMPONENT_PACKAGES = ("data", "autoencoder", "quantizer", "tokenizer", "order", "shuffle", "backbone", "generator",
                        "conditioner", "sampler", "task")
 
 

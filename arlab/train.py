@@ -88,6 +88,9 @@ def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str
     if not exp.has("data"):
         raise ConfigError(f"experiment '{exp.name}' has no 'data'")
     run = run_dir(exp)
+    prepare = getattr(exp.config("task"), "prepare", None)
+    if callable(prepare):  # e.g. a generator trains its missing tokenizer first
+        prepare(exp)
     pl.seed_everything(exp.run.seed, workers=True, verbose=False)
     datamodule = exp.build("data", seed=exp.run.seed)
     module = exp.build("task", experiment=exp.tree)

@@ -1,0 +1,1 @@
+"""Backbones: sequence models over the generator's token sequence (Llama; plain nn.Modules)."""

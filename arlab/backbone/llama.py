@@ -1,0 +1,275 @@
+"""``backbone/llama``: the Llama decoder used by LlamaGen (Sun et al. 2024) and Token-Shuffle (Ma et al. 2025).
+
+Pre-norm blocks ``h = x + Attn(RMSNorm(x))``, ``out = h + SwiGLU(RMSNorm(h))``; no biases; SwiGLU
+hidden ``8d/3`` rounded up to a multiple of 256 (LlamaGen ``find_multiple``: GPT-B 768 → 2048);
+2D axial RoPE (half of each head's rotary pairs turn with the token's row, half with its column;
+LlamaGen ``precompute_freqs_cis_2d``) where condition tokens get the *identity* rotation
+(LlamaGen zeroes their q and k instead, its issue #54); optional QK-norm (RMSNorm on q and k per
+head) and grouped KV heads; attention through ``F.scaled_dot_product_attention``.
+
+Conditioning ``prefix``: the condition tokens are ordinary sequence positions. ``adaln``: VAR's
+AdaLNSelfAttn modulation — each block maps the condition vector ``cond_bd`` through
+``SiLU → Linear(d, 6d)`` to (γ1, γ2, s1, s2, β1, β2) and computes
+``x + γ1·Attn(norm(x)·(1+s1)+β1)``, ``x + γ2·FFN(norm(x)·(1+s2)+β2)`` (norms without affine weight);
+the final norm is modulated the same way (VAR AdaLNBeforeHead).
+
+Shapes: ``x_bld`` (B, L, d) → ``h_bld`` (B, L, d). Decoding uses :class:`KVCache`, a static
+(B, H_kv, S, d_head) buffer per layer written at absolute positions (gpt-fast): no host syncs, no
+reallocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from arlab.errors import ConfigError
+from arlab.registry import register
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+class RMSNorm(nn.Module):
+    """``x · rsqrt(mean(x²) + eps) · w``, computed in float32 (Llama / LlamaGen)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+def rope_2d(rows: Tensor, cols: Tensor, head_dim: int, base: float = 10000.0,
+            identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """2D axial RoPE tables ``(cos, sin)``, each (L, head_dim / 2) float32, for positions (rows, cols) (L,).
+
+    The first head_dim/4 rotary pairs turn with the row, the last head_dim/4 with the column, with
+    frequencies ``base^(-2k / (head_dim/2))`` per axis (LlamaGen). ``identity`` (L,) bool marks
+    positions (condition tokens) that get cos = 1, sin = 0.
+    """
+    if head_dim % 4:
+        raise ConfigError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2  # rotary dims per axis
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float32, device=rows.device) / half))
+    ang = torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=1)  # (L, head_dim/2)
+    cos, sin = ang.cos(), ang.sin()
+    if identity is not None:
+        cos = torch.where(identity[:, None], torch.ones_like(cos), cos)
+        sin = torch.where(identity[:, None], torch.zeros_like(sin), sin)
+    return cos, sin
+
+
+def apply_rope(x_bhld: Tensor, cos_ld: Tensor, sin_ld: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of ``x_bhld`` (B, H, L, Dh); cos/sin (L, Dh/2) or (B, L, Dh/2)."""
+    x = x_bhld.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    if cos_ld.ndim == 3:  # per-sample positions
+        cos_ld, sin_ld = cos_ld[:, None], sin_ld[:, None]
+    out = torch.stack([x0 * cos_ld - x1 * sin_ld, x0 * sin_ld + x1 * cos_ld], dim=-1)
+    return out.flatten(-2).type_as(x_bhld)
+
+
+class KVCache(nn.Module):
+    """Static per-layer key/value cache (B, H_kv, S, Dh) addressed by absolute position (gpt-fast).
+
+    ``update(pos_l, k, v)`` writes the new keys/values at positions ``pos_l`` (L,) and returns the
+    whole buffers; attention then masks the positions not yet written.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos_l: Tensor, k_bhld: Tensor, v_bhld: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, pos_l, k_bhld.to(self.k.dtype))
+        self.v.index_copy_(2, pos_l, v_bhld.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_norm: bool, dropout: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.resid_drop = nn.Dropout(dropout)
+        self.cache: KVCache | None = None
+
+    def forward(self, x_bld: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos_l: Tensor | None) -> Tensor:
+        hd = self.head_dim
+        q, k, v = self.wqkv(x_bld).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q = rearrange(q, "b l (h d) -> b h l d", d=hd)
+        k = rearrange(k, "b l (h d) -> b h l d", d=hd)
+        v = rearrange(v, "b l (h d) -> b h l d", d=hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            assert pos_l is not None, "decoding with a KV cache needs the positions of the new tokens"
+            k, v = self.cache.update(pos_l, k, v)
+        causal = mask is None
+        if causal and q.shape[2] != k.shape[2]:
+            raise ValueError("the causal fast path needs a full sequence; pass an explicit mask with a cache")
+        if self.kv_heads != self.heads:  # grouped KV heads: each serves heads / kv_heads query heads
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.resid_drop(self.wo(rearrange(out, "b h l d -> b l (h d)")))
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) ⊙ w3 x)``, hidden = 8d/3 rounded up to a multiple of 256 (LlamaGen)."""
+
+    def __init__(self, dim: int, multiple_of: int, dropout: float):
+        super().__init__()
+        hidden = find_multiple(int(2 * 4 * dim / 3), multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Llama.Config):
+        super().__init__()
+        adaln = cfg.cond_mode == "adaln"
+        self.attn_norm = RMSNorm(cfg.dim, affine=not adaln)
+        self.ffn_norm = RMSNorm(cfg.dim, affine=not adaln)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads or cfg.heads, cfg.qk_norm, cfg.dropout)
+        self.ffn = SwiGLU(cfg.dim, cfg.multiple_of, cfg.dropout)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if adaln else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos_l: Tensor | None,
+                cond_bd: Tensor | None) -> Tensor:
+        if self.ada is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos_l)
+            return x + self.ffn(self.ffn_norm(x))
+        assert cond_bd is not None, "adaln blocks need the condition vector"
+        g1, g2, s1, s2, b1, b2 = self.ada(cond_bd)[:, None].chunk(6, dim=-1)
+        x = x + g1 * self.attn(self.attn_norm(x) * (1 + s1) + b1, cos, sin, mask, pos_l)
+        return x + g2 * self.ffn(self.ffn_norm(x) * (1 + s2) + b2)
+
+
+@register("backbone", "llama")
+class Llama(nn.Module):
+    """Llama decoder (LlamaGen / Token-Shuffle): RMSNorm, SwiGLU, 2D RoPE, optional QK-norm, GQA, adaLN."""
+
+    @dataclass
+    class Config:
+        dim: int = 768  # model width d (LlamaGen GPT-B 768, GPT-L 1024)
+        depth: int = 12  # number of blocks (GPT-B 12, GPT-L 24)
+        heads: int = 12  # attention heads (GPT-B 12, GPT-L 16)
+        kv_heads: int = 0  # grouped KV heads; 0 = heads (no grouping)
+        multiple_of: int = 256  # SwiGLU hidden = 8d/3 rounded up to this (LlamaGen 256)
+        qk_norm: bool = False  # RMSNorm on q and k per head (Token-Shuffle's stabiliser)
+        dropout: float = 0.0  # residual and FFN dropout (LlamaGen 0.1)
+        rope_base: float = 10000.0  # RoPE base per axis
+        cond_mode: str = "prefix"  # prefix: condition tokens in the sequence; adaln: VAR's modulation
+        init_std: float = 0.02  # N(0, std) init of the linear layers (LlamaGen 0.02)
+
+        def __post_init__(self) -> None:
+            if self.dim < 1 or self.depth < 1 or self.heads < 1:
+                raise ConfigError(f"dim, depth and heads must be >= 1, got {self.dim}, {self.depth}, {self.heads}")
+            if self.dim % self.heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
+            if (self.dim // self.heads) % 4:
+                raise ConfigError(f"head_dim {self.dim // self.heads} (dim {self.dim} / heads {self.heads}) must be "
+                                  "divisible by 4 for 2D RoPE (two axes of rotary pairs)")
+            kv = self.kv_heads or self.heads
+            if kv < 1 or self.heads % kv:
+                raise ConfigError(f"kv_heads {self.kv_heads} must divide heads {self.heads}")
+            if self.cond_mode not in ("prefix", "adaln"):
+                raise ConfigError(f"cond_mode {self.cond_mode!r} is not one of prefix, adaln")
+            if not 0 <= self.dropout < 1:
+                raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.dim, self.head_dim = cfg.dim, cfg.dim // cfg.heads
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        adaln = cfg.cond_mode == "adaln"
+        self.norm = RMSNorm(cfg.dim, affine=not adaln)
+        self.head_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim)) if adaln else None
+        self.apply(self._init)
+        for b in self.blocks:  # VAR / DiT: modulation starts near the identity (γ = 0 residual branches)
+            if b.ada is not None:
+                nn.init.zeros_(b.ada[1].weight)
+                nn.init.zeros_(b.ada[1].bias)
+                with torch.no_grad():
+                    b.ada[1].bias[: 2 * cfg.dim].fill_(1.0)  # γ1, γ2 = 1: plain pre-norm blocks at init
+        if self.head_ada is not None:
+            nn.init.zeros_(self.head_ada[1].weight)
+            nn.init.zeros_(self.head_ada[1].bias)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def causal_fast_path(self) -> bool:
+        return True
+
+    def rope(self, rows: Tensor, cols: Tensor, identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return rope_2d(rows, cols, self.head_dim, self.cfg.rope_base, identity)
+
+    # ------------------------------------------------------------------------------ cache
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        kv = self.cfg.kv_heads or self.cfg.heads
+        for b in self.blocks:
+            b.attn.cache = KVCache(batch, kv, max_len, self.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for b in self.blocks:
+            b.attn.cache = None
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, x_bld: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
+                pos_l: Tensor | None = None, cond_bd: Tensor | None = None) -> Tensor:
+        """``x_bld`` (B, L, d) → ``h_bld`` (B, L, d), final norm applied.
+
+        ``rope``: (cos, sin) for the L positions; ``mask``: None for plain causal attention, else a
+        bool (L, S) / (B, 1, L, S) mask, True = may attend (S = cache length when decoding);
+        ``pos_l``: absolute positions (L,) of the new tokens in the KV cache; ``cond_bd`` (B, d):
+        the adaLN condition.
+        """
+        cos, sin = rope
+        for b in self.blocks:
+            x_bld = b(x_bld, cos, sin, mask, pos_l, cond_bd)
+        h = self.norm(x_bld)
+        if self.head_ada is not None:
+            assert cond_bd is not None
+            scale, shift = self.head_ada(cond_bd)[:, None].chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        return h
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6N + attention 12·L·T·d, PaLM appendix B)."""
+        n = sum(p.numel() for p in self.parameters())
+        return 6 * n + 12 * self.cfg.depth * seq_len * self.cfg.dim
+

@@ -1,0 +1,162 @@
+"""``data/tokens``: token shards made by ``arlab tokenize``, streamed like image shards.
+
+Batches: ``tokens`` (B, L) int64 (the index map flattened row-major, or every scale of a
+multi-scale tokenizer, coarsest first), ``label`` (B,), ``caption`` (B strings), ``key``. The same
+stream rules as image shards (per-rank balance, per-epoch order, exact resume, corrupt samples
+counted and skipped).
+
+When ``root`` has no manifest yet, the shards are made first: the image set ``images`` (a
+``data`` preset, e.g. ``shapes``) is encoded with the frozen tokenizer ``tokenizer_ckpt`` into
+``root`` (default ``<tokenizer run>/tokens/<images>``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from arlab.data.datamodule import _dist_rank_world
+from arlab.data.shards import MANIFEST, read_manifest
+from arlab.data.stream import ShardLoader
+from arlab.errors import ConfigError, DataError
+from arlab.registry import register
+
+log = logging.getLogger("arlab.data")
+
+
+def decode_tokens(sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+    try:
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False).astype(np.int64)
+        label = int(sample["cls"]) if "cls" in sample else -1
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens of shape {tokens.shape}")
+    except Exception as e:  # noqa: BLE001 -- any parse failure is a corrupt sample
+        log.debug("corrupt token sample %s: %s", sample.get("__key__"), e)
+        return None
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    return {"tokens": tokens, "label": label, "caption": caption, "key": sample["__key__"]}
+
+
+def collate_tokens(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples])),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+
+
+def default_token_root(tokenizer_ckpt: str, images: str) -> Path:
+    ckpt = Path(tokenizer_ckpt)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run / "tokens" / images.replace("/", "-")
+
+
+@register("data", "tokens")
+class TokenDataModule(pl.LightningDataModule):
+    """Token shards from 'arlab tokenize' (made on first use from an image set and a tokenizer checkpoint)."""
+
+    @dataclass
+    class Config:
+        root: str = ""  # token shard folder; "" = <tokenizer run>/tokens/<images>
+        images: str = "shapes"  # data preset to tokenize when root has no dataset.json
+        tokenizer_ckpt: str = ""  # the frozen tokenizer (usually ${task.tokenizer_ckpt})
+        flip: bool = False  # also encode mirrored images (doubles the set)
+        train_split: str = "train"
+        val_split: str = "test"  # "" for no validation
+        batch_size: int = 64  # per rank
+        val_batch_size: int = 0  # 0: batch_size
+        num_workers: int = 1
+        shuffle_buffer: int = 2000
+
+        def __post_init__(self) -> None:
+            if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+                raise ConfigError("batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+            if not self.root and not self.tokenizer_ckpt:
+                raise ConfigError("data/tokens needs root (token shards) or tokenizer_ckpt (to make them)")
+
+    def __init__(self, cfg: Config, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.cfg, self.seed, self._rank, self._world = cfg, seed, rank, world_size
+        self.manifest: dict[str, Any] | None = None
+        self._train: ShardLoader | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.root) if self.cfg.root else default_token_root(self.cfg.tokenizer_ckpt, self.cfg.images)
+
+    def prepare_data(self) -> None:
+        if (self.root / MANIFEST).exists():
+            return
+        from arlab.registry import build
+        from arlab.tokenizer.tokenize import tokenize_shards
+
+        if not self.cfg.tokenizer_ckpt or not Path(self.cfg.tokenizer_ckpt).is_file():
+            raise ConfigError(f"no token shards at '{self.root}' and no tokenizer checkpoint to make them "
+                              f"(data.tokenizer_ckpt='{self.cfg.tokenizer_ckpt}')")
+        images = build("data", self.cfg.images, seed=0)
+        images.setup()
+        log.info("tokenizing %s with %s into %s", images.root, self.cfg.tokenizer_ckpt, self.root)
+        tokenize_shards(self.cfg.tokenizer_ckpt, images.root, self.root, flip=self.cfg.flip, progress=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is not None:
+            return
+        if not (self.root / MANIFEST).exists():
+            self.prepare_data()
+        m = read_manifest(self.root)
+        if m.get("kind") != "tokens":
+            raise DataError(f"{self.root} holds {m.get('kind', 'images')} shards; data/tokens needs token shards "
+                            "made by 'arlab tokenize'")
+        for split in (self.cfg.train_split, self.cfg.val_split):
+            if split and split not in m["splits"]:
+                raise DataError(f"split '{split}' is not in {self.root / MANIFEST} (splits: {', '.join(m['splits'])})")
+        self.manifest = m
+
+    @property
+    def tokenizer_meta(self) -> dict[str, Any]:
+        self.setup()
+        assert self.manifest is not None
+        return dict(self.manifest["tokenizer"])
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        assert self.manifest is not None
+        return len(self.manifest["classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        self.setup()
+        assert self.manifest is not None
+        return list(self.manifest["classes"])
+
+    def _loader(self, split: str, train: bool) -> ShardLoader:
+        self.setup()
+        assert self.manifest is not None
+        info = self.manifest["splits"][split]
+        rank, world = _dist_rank_world(getattr(self, "trainer", None))
+        rank = self._rank if self._rank is not None else rank
+        world = self._world if self._world is not None else world
+        bs = self.cfg.batch_size if train else (self.cfg.val_batch_size or self.cfg.batch_size)
+        return ShardLoader([str(self.root / s["name"]) for s in info["shards"]], [s["count"] for s in info["shards"]],
+                           batch_size=bs, seed=self.seed, rank=rank, world_size=world,
+                           num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
+                           decode=decode_tokens, collate=collate_tokens, train=train,
+                           name=f"{self.manifest['name']}-tokens/{split}")
+
+    def train_dataloader(self) -> ShardLoader:
+        if self._train is None:
+            self._train = self._loader(self.cfg.train_split, train=True)
+        return self._train
+
+    def val_dataloader(self) -> ShardLoader | list:
+        return self._loader(self.cfg.val_split, train=False) if self.cfg.val_split else []
+
+    @property
+    def corrupt_skipped(self) -> int:
+        return self._train.corrupt if self._train is not None else 0

@@ -1,0 +1,1 @@
+"""The AR generator: model (embedding, shuffle, order, backbone, head), sampling, training task."""

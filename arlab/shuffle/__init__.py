@@ -1,0 +1,1 @@
+"""Token-Shuffle windows: fuse s×s tokens into one before the backbone and split them after."""

@@ -1,0 +1,158 @@
+"""task/generator: the experiment chain, token shards, resume exactness, sampling CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from arlab.config import load_experiment
+from arlab.errors import ConfigError
+from arlab.generator.module import load_generator, sample_to_files
+from arlab.train import fit
+
+
+def write(path: Path, body: dict) -> Path:
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def tokenizer_body(run: Path) -> dict:
+    return {"data": {"preset": "shapes-tiny", "num_workers": 0, "batch_size": 32},
+            "tokenizer": {"preset": "shapes-fsq", "autoencoder": "tiny"},
+            "task": {"type": "tokenizer", "lr": 2e-3, "warmup_steps": 5, "log_images_every_n_steps": 0},
+            "trainer": {"max_steps": 30, "val_check_interval": 30, "check_val_every_n_epoch": None,
+                        "limit_val_batches": 1, "checkpoint_every_n_steps": 30, "enable_progress_bar": False},
+            "run": {"dir": str(run)}}
+
+
+def generator_body(tmp: Path, ckpt: Path, tok_exp: Path, run: str, shuffle: int = 2, steps: int = 12) -> dict:
+    return {"data": {"type": "tokens", "images": "shapes-tiny", "tokenizer_ckpt": "${task.tokenizer_ckpt}",
+                     "batch_size": 16, "num_workers": 0, "shuffle_buffer": 64},
+            "backbone": "tiny", "order": "raster", "shuffle": f"s{shuffle}", "conditioner": "class",
+            "task": {"type": "generator", "tokenizer_ckpt": str(ckpt), "tokenizer_experiment": str(tok_exp),
+                     "lr": 1e-3, "warmup_steps": 2, "sample_every_n_steps": 0, "eval_samples": 20},
+            "trainer": {"max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
+                        "limit_val_batches": 1, "checkpoint_every_n_steps": steps, "enable_progress_bar": False,
+                        "log_every_n_steps": 1},
+            "run": {"dir": str(tmp / run)}}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, arlab_cache):
+    """One generator experiment whose tokenizer does not exist yet: the whole chain runs."""
+    tmp = tmp_path_factory.mktemp("gen")
+    ckpt = tmp / "tok" / "checkpoints" / "last.ckpt"
+    tok_exp = write(tmp / "tok.yaml", tokenizer_body(tmp / "unused"))
+    exp = load_experiment(write(tmp / "gen.yaml", generator_body(tmp, ckpt, tok_exp, "gen")))
+    metrics = fit(exp)
+    return tmp, ckpt, tok_exp, exp, metrics
+
+
+def test_the_chain_trains_the_tokenizer_tokenizes_and_trains_the_generator(chain):
+    tmp, ckpt, _, exp, metrics = chain
+    assert ckpt.is_file()  # the tokenizer was trained into the checkpoint's run directory
+    tokens = tmp / "tok" / "tokens" / "shapes-tiny" / "dataset.json"
+    m = json.loads(tokens.read_text())
+    assert m["kind"] == "tokens" and m["splits"]["train"]["count"] == 2000
+    run = Path(exp.run.dir)
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["train/steps"] == 12 and saved["sample/steps_per_image"] == 64  # tiny AE: 16x16 grid, s=2
+    assert 0 <= saved["sample/class_acc"] <= 1 and saved["sample/images_per_s"] > 0
+    assert {"train/ce_pos0", "train/ce_pos3", "val/ce"} <= set(saved)
+    assert saved["train/ce"] < np.log(1000) + 0.1  # FSQ [8,5,5,5]: uniform CE is ln 1000
+    assert (run / "samples.png").is_file()
+
+
+def test_sample_cli_writes_grid_and_npz_and_is_deterministic(chain, tmp_path):
+    _, _, _, exp, _ = chain
+    ckpt = Path(exp.run.dir) / "checkpoints" / "last.ckpt"
+    a = sample_to_files(ckpt, tmp_path / "a", n=6, classes=[2, 5], cfg=2.0, seed=3)
+    b = sample_to_files(ckpt, tmp_path / "b", n=6, classes=[2, 5], cfg=2.0, seed=3)
+    za, zb = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
+    assert za["images"].shape == (6, 32, 32, 3) and za["images"].dtype == np.uint8
+    assert za["labels"].tolist() == [2, 5, 2, 5, 2, 5]
+    assert np.array_equal(za["images"], zb["images"]) and a["steps_per_image"] == 64
+    assert (tmp_path / "a" / "samples.png").is_file() and "class_acc" in b
+    r = subprocess.run([sys.executable, "-m", "arlab", "sample", str(ckpt), "--n", "4", "--classes", "10",
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    assert r.returncode == 2 and "class index 10 is outside the dataset's classes 0..9" in r.stderr
+    tok = Path(exp.tree["task"]["tokenizer_ckpt"])
+    with pytest.raises(ConfigError, match="is not a generator checkpoint"):
+        load_generator(tok)
+
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(chain):
+    tmp, ckpt, tok_exp, _, _ = chain
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(run: Path) -> dict[int, float]:
+        ev = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+        ev.Reload()
+        return {e.step: e.value for e in ev.Scalars("train/loss")}
+
+    full = generator_body(tmp, ckpt, tok_exp, "full", steps=10)
+    full["task"]["eval_samples"] = 0
+    full["conditioner"] = {"preset": "class", "dropout": 0.5}  # label dropout draws from the RNG
+    fit(load_experiment(write(tmp / "full.yaml", full)))
+    part = json.loads(json.dumps(full))
+    part["run"]["dir"] = str(tmp / "part")
+    part["trainer"]["checkpoint_every_n_steps"] = 5
+    import pytorch_lightning as pl
+
+    class StopAt5(pl.Callback):  # a crash after step 5: same max_steps, so the same LR schedule
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    fit(load_experiment(write(tmp / "part.yaml", part)), callbacks=[StopAt5()])
+    assert (tmp / "part" / "checkpoints" / "step-5.ckpt").is_file()
+    fit(load_experiment(write(tmp / "part.yaml", part)))  # same run directory: resumes from last.ckpt (step 5)
+    a, b = losses(tmp / "full"), losses(tmp / "part")
+    assert sorted(a) == list(range(10)) and sorted(b) == list(range(10))
+    for step in range(5, 10):
+        assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a, b)
+
+
+def test_generator_config_errors_before_work(chain, tmp_path):
+    tmp, ckpt, tok_exp, _, _ = chain
+    body = generator_body(tmp, ckpt, tok_exp, "bad")
+    body["task"]["vocab_size"] = 512
+    from arlab.generator.module import GeneratorModule
+
+    exp = load_experiment(write(tmp_path / "v.yaml", body))
+    with pytest.raises(ConfigError, match="task.vocab_size=512 does not match the tokenizer's vocabulary 1000"):
+        GeneratorModule(exp.config("task"), experiment=exp.tree)
+    body = generator_body(tmp, ckpt, tok_exp, "bad")
+    body["task"]["sample_schedule"] = "cosin"
+    with pytest.raises(ConfigError, match="CFG schedule 'cosin' does not exist.*Did you mean 'cosine'"):
+        load_experiment(write(tmp_path / "s.yaml", body))
+    body = generator_body(tmp, tmp_path / "missing.ckpt", tok_exp, "bad")
+    body["task"]["tokenizer_experiment"] = ""
+    with pytest.raises(ConfigError, match="does not exist and task.tokenizer_experiment is empty"):
+        fit(load_experiment(write(tmp_path / "m.yaml", body)))
+    with pytest.raises(ConfigError, match="shuffle window s=3"):
+        load_experiment(write(tmp_path / "w.yaml", generator_body(tmp, ckpt, tok_exp, "bad")), ["shuffle.s=3"])
+
+
+def test_non_finite_loss_stops_with_step_and_batch(chain, monkeypatch, tmp_path):
+    tmp, ckpt, tok_exp, _, _ = chain
+    from arlab.generator import model as gm
+
+    orig = gm.Generator.forward
+
+    def nan_forward(self, codes, labels):
+        out = orig(self, codes, labels)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(gm.Generator, "forward", nan_forward)
+    body = generator_body(tmp, ckpt, tok_exp, "nan", steps=3)
+    body["run"]["dir"] = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="non-finite generator loss nan at step 0 \\(batch 0, keys"):
+        fit(load_experiment(write(tmp_path / "nan.yaml", body)))
