@@ -90,8 +90,34 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
 
 
+class ManifestInfo:
+    """Classes and rank of a shard data module (image or token shards) read from its manifest."""
+
+    manifest: dict[str, Any] | None
+    _rank: int | None
+    _world: int | None
+
+    def setup(self, stage: str | None = None) -> None:  # pragma: no cover - provided by the data module
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def classes(self) -> list[str]:
+        self.setup()
+        assert self.manifest is not None
+        return list(self.manifest["classes"])
+
+    def rank_world(self) -> tuple[int, int]:
+        rank, world = _dist_rank_world(getattr(self, "trainer", None))
+        return (self._rank if self._rank is not None else rank,
+                self._world if self._world is not None else world)
+
+
 @register("data", "shards")
-class ShardDataModule(pl.LightningDataModule):
+class ShardDataModule(ManifestInfo, pl.LightningDataModule):
     """Image shards made by 'arlab data pack' (ImageFolder/tar → WebDataset), balanced across DDP ranks."""
 
     @dataclass
@@ -157,23 +183,6 @@ class ShardDataModule(pl.LightningDataModule):
                     )
             if self.manifest.get("kind", "images") != "images":
                 raise DataError(f"{self.root} holds {self.manifest['kind']} shards, not images")
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        assert self.manifest is not None
-        return len(self.manifest["classes"])
-
-    @property
-    def classes(self) -> list[str]:
-        self.setup()
-        assert self.manifest is not None
-        return list(self.manifest["classes"])
-
-    def rank_world(self) -> tuple[int, int]:
-        rank, world = _dist_rank_world(getattr(self, "trainer", None))
-        return (self._rank if self._rank is not None else rank,
-                self._world if self._world is not None else world)
 
     def _loader(self, split: str, train: bool) -> ShardLoader:
         self.setup()

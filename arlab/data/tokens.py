@@ -22,7 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from arlab.data.datamodule import _dist_rank_world
+from arlab.data.datamodule import ManifestInfo
 from arlab.data.shards import MANIFEST, read_manifest
 from arlab.data.stream import ShardLoader
 from arlab.errors import ConfigError, DataError
@@ -57,7 +57,7 @@ def default_token_root(tokenizer_ckpt: str, images: str) -> Path:
 
 
 @register("data", "tokens")
-class TokenDataModule(pl.LightningDataModule):
+class TokenDataModule(ManifestInfo, pl.LightningDataModule):
     """Token shards from 'arlab tokenize' (made on first use from an image set and a tokenizer checkpoint)."""
 
     @dataclass
@@ -123,25 +123,11 @@ class TokenDataModule(pl.LightningDataModule):
         assert self.manifest is not None
         return dict(self.manifest["tokenizer"])
 
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        assert self.manifest is not None
-        return len(self.manifest["classes"])
-
-    @property
-    def classes(self) -> list[str]:
-        self.setup()
-        assert self.manifest is not None
-        return list(self.manifest["classes"])
-
     def _loader(self, split: str, train: bool) -> ShardLoader:
         self.setup()
         assert self.manifest is not None
         info = self.manifest["splits"][split]
-        rank, world = _dist_rank_world(getattr(self, "trainer", None))
-        rank = self._rank if self._rank is not None else rank
-        world = self._world if self._world is not None else world
+        rank, world = self.rank_world()
         bs = self.cfg.batch_size if train else (self.cfg.val_batch_size or self.cfg.batch_size)
         return ShardLoader([str(self.root / s["name"]) for s in info["shards"]], [s["count"] for s in info["shards"]],
                            batch_size=bs, seed=self.seed, rank=rank, world_size=world,
