@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: setup
 	$(BIN)/arlab train $(QUICKSTART) run.dir=runs/quickstart
-	$(BIN)/arlab tokenize runs/quickstart/checkpoints/last.ckpt shapes runs/quickstart/tokens --splits test --overwrite
-	@echo "done: runs/quickstart/ (metrics.json, reconstructions.png, tokens/); TensorBoard: $(BIN)/tensorboard --logdir runs"
+	$(BIN)/arlab sample runs/quickstart/checkpoints/last.ckpt --n 100 --seed 0 --out runs/quickstart/samples
+	@echo "done: runs/quickstart/samples/samples.png (one column per class), metrics.json; tokenizer in runs/shapes/tokenizer"
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -34,7 +34,7 @@ def test_list_shows_every_component_and_its_parameters():
 
 @pytest.mark.parametrize("args,message", [
     (["config", "shapes/quickstart", "data.batchsize=3"],
-     "data.batchsize: unknown parameter of data/shapes (command line). Did you mean 'batch_size'?"),
+     "data.batchsize: unknown parameter of data/tokens (command line). Did you mean 'batch_size'?"),
     (["config", "shapes/quickstrat"], "Did you mean 'shapes/quickstart'?"),
     (["list", "quantiser"], "unknown component kind 'quantiser'"),
     (["data", "info", "/nonexistent/folder"], "no dataset.json in '/nonexistent/folder'"),
@@ -50,7 +50,7 @@ def test_config_prints_resolved_yaml_with_sources():
     r = arlab("config", "shapes/quickstart", "data.batch_size=8", "--where")
     assert r.returncode == 0, r.stderr
     assert "batch_size: 8" in r.stdout and "# command line" in r.stdout
-    assert "# registry/data/shapes.yaml" in r.stdout and "# experiments/_base/shapes-tokenizer.yaml" in r.stdout
+    assert "# registry/backbone/shapes.yaml" in r.stdout and "# experiments/_base/shapes-generator.yaml" in r.stdout
 
 
 def test_check_validates_the_repo():

@@ -98,10 +98,17 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         if not self.cfg.tokenizer_ckpt or not Path(self.cfg.tokenizer_ckpt).is_file():
             raise ConfigError(f"no token shards at '{self.root}' and no tokenizer checkpoint to make them "
                               f"(data.tokenizer_ckpt='{self.cfg.tokenizer_ckpt}')")
-        images = build("data", self.cfg.images, seed=0)
-        images.setup()
-        log.info("tokenizing %s with %s into %s", images.root, self.cfg.tokenizer_ckpt, self.root)
-        tokenize_shards(self.cfg.tokenizer_ckpt, images.root, self.root, flip=self.cfg.flip, progress=True)
+        from arlab.data.shapes import _Lock
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with _Lock(self.root.parent / f".{self.root.name}.lock"):  # DDP ranks / parallel runs: one tokenizes
+            if (self.root / MANIFEST).exists():
+                return
+            images = build("data", self.cfg.images, seed=0)
+            images.setup()
+            log.info("tokenizing %s with %s into %s", images.root, self.cfg.tokenizer_ckpt, self.root)
+            tokenize_shards(self.cfg.tokenizer_ckpt, images.root, self.root, flip=self.cfg.flip, progress=True,
+                            overwrite=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:

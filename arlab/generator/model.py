@@ -149,6 +149,7 @@ class Generator(nn.Module):
         slots_out = torch.zeros(b, plan.length, k, dtype=torch.long, device=dev)
         logits_out = torch.zeros(b, plan.length, k, self.vocab_size, device=dev) if return_logits else None
         src = plan.src.to(dev)
+        cos_all, sin_all = self._rope(torch.arange(plan.length, device=dev), with_prefix=False)  # once, on device
         try:
             for step, sl in enumerate(plan.step_slices()):
                 if step == 0:  # prefill: the prefix, causal among itself
@@ -164,7 +165,7 @@ class Generator(nn.Module):
                     mask = vis[slots]
                     win = slots_out[:, src[slots]]  # (B, n, s²): the tokens that feed these slots
                     x = self.embed_windows(torch.cat([win, win]) if guided else win)
-                    rope = self._rope(slots, with_prefix=False)
+                    rope = (cos_all[sl], sin_all[sl])
                 hid = self.backbone(x.to(prefix.dtype), rope, mask=mask, pos_l=pos, cond_bd=vec)
                 hid = hid[:, -1:] if step == 0 else hid
                 logits = self.head(self.shuffle.unshuffle(hid)).float()  # (nb, n, s², V)

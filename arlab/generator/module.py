@@ -145,7 +145,7 @@ class GeneratorModule(pl.LightningModule):
                               f"{vocab} ({tok['checkpoint']}); set it to 0 or {vocab}")
         side = int(tok["scales"][-1])
         return {"vocab_size": vocab, "grid": [side, side], "num_classes": dm.num_classes, "classes": dm.classes,
-                "dataset": dm.manifest["name"], "tokenizer_ckpt": self.cfg.tokenizer_ckpt,
+                "dataset": dm.manifest["name"], "tokenizer_ckpt": str(Path(self.cfg.tokenizer_ckpt).resolve()),
                 "image_size": int(tok["image_size"])}
 
     # ------------------------------------------------------------------------------ pieces
