@@ -228,10 +228,6 @@ class Llama(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    @property
-    def causal_fast_path(self) -> bool:
-        return True
-
     def rope(self, rows: Tensor, cols: Tensor, identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return rope_2d(rows, cols, self.head_dim, self.cfg.rope_base, identity)
 
@@ -264,12 +260,3 @@ class Llama(nn.Module):
             scale, shift = self.head_ada(cond_bd)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
         return h
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (6N + attention 12·L·T·d, PaLM appendix B)."""
-        n = sum(p.numel() for p in self.parameters())
-        return 6 * n + 12 * self.cfg.depth * seq_len * self.cfg.dim
-

@@ -91,14 +91,35 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ManifestInfo:
-    """Classes and rank of a shard data module (image or token shards) read from its manifest."""
+    """What image- and token-shard data modules share: classes from the manifest, the rank, and the
+    train / val / test loaders built by the subclass's ``_loader(split, train)``."""
 
+    cfg: Any
     manifest: dict[str, Any] | None
     _rank: int | None
     _world: int | None
+    _train: ShardLoader | None
 
     def setup(self, stage: str | None = None) -> None:  # pragma: no cover - provided by the data module
         raise NotImplementedError
+
+    def _loader(self, split: str, train: bool) -> ShardLoader:  # pragma: no cover - provided by the data module
+        raise NotImplementedError
+
+    def train_dataloader(self) -> ShardLoader:
+        if self._train is None:
+            self._train = self._loader(self.cfg.train_split, train=True)
+        return self._train
+
+    def val_dataloader(self) -> ShardLoader | list:
+        return self._loader(self.cfg.val_split, train=False) if self.cfg.val_split else []
+
+    def test_dataloader(self) -> ShardLoader | list:
+        return self.val_dataloader()
+
+    @property
+    def corrupt_skipped(self) -> int:
+        return self._train.corrupt if self._train is not None else 0
 
     @property
     def num_classes(self) -> int:
@@ -198,20 +219,6 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
                            shuffle_buffer=self.cfg.shuffle_buffer, decode=decode, collate=collate_images,
                            train=train, name=f"{self.manifest['name']}/{split}")
 
-    def train_dataloader(self) -> ShardLoader:
-        if self._train is None:
-            self._train = self._loader(self.cfg.train_split, train=True)
-        return self._train
-
-    def val_dataloader(self) -> ShardLoader | list:
-        return self._loader(self.cfg.val_split, train=False) if self.cfg.val_split else []
-
-    def test_dataloader(self) -> ShardLoader | list:
-        return self.val_dataloader()
-
-    @property
-    def corrupt_skipped(self) -> int:
-        return self._train.corrupt if self._train is not None else 0
 
     def describe(self) -> str:
         self.setup()

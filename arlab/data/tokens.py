@@ -141,15 +141,3 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
                            num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,
                            decode=decode_tokens, collate=collate_tokens, train=train,
                            name=f"{self.manifest['name']}-tokens/{split}")
-
-    def train_dataloader(self) -> ShardLoader:
-        if self._train is None:
-            self._train = self._loader(self.cfg.train_split, train=True)
-        return self._train
-
-    def val_dataloader(self) -> ShardLoader | list:
-        return self._loader(self.cfg.val_split, train=False) if self.cfg.val_split else []
-
-    @property
-    def corrupt_skipped(self) -> int:
-        return self._train.corrupt if self._train is not None else 0

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from arlab.errors import ConfigError
 from arlab.generator.model import Generator
-from arlab.generator.sampling import CFG_SCHEDULES, check_schedule
+from arlab.generator.sampling import check_schedule
 from arlab.registry import build, register
 from arlab.tokenizer.module import warmup_cosine
 
@@ -76,8 +76,7 @@ class GeneratorModule(pl.LightningModule):
         def __post_init__(self) -> None:
             if self.lr_schedule not in ("constant", "cosine"):
                 raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of constant, cosine")
-            if self.sample_schedule not in CFG_SCHEDULES:
-                check_schedule(self.sample_schedule)
+            check_schedule(self.sample_schedule)
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
 
