@@ -42,7 +42,8 @@ EPILOG = {
   arlab tokenize runs/vq-try/checkpoints/last.ckpt data/cifar10 data/cifar10-vq-tokens""",
     "sample": """examples:
   arlab sample runs/shapes/tokenshuffle-s2/checkpoints/last.ckpt --n 100 --out runs/shapes/tokenshuffle-s2/samples
-  arlab sample CKPT --classes 0,3 --cfg 3 --cfg-schedule half-linear --top-k 100 --seed 1""",
+  arlab sample CKPT --classes 0,3 --cfg 3 --cfg-schedule half-linear --top-k 100 --seed 1
+  arlab sample runs/shapes/text-tokenshuffle-s2/checkpoints/last.ckpt --prompt 'a large red ring in the center'""",
     "data info": """examples:
   arlab data info data/cifar10""",
 }
@@ -178,7 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     s = sample_to_files(args.ckpt, out, n=args.n, batch_size=args.batch_size, classes=classes, cfg=args.cfg,
                         cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
                         temperature=args.temperature, seed=args.seed, device=args.device,
-                        use_cache=not args.no_cache)
+                        use_cache=not args.no_cache, prompts=args.prompt or None)
     acc = f", shapes checker accuracy {s['class_acc']:.1%}" if "class_acc" in s else ""
     print(f"{s['n']} samples in {s['steps_per_image']} steps each, {s['images_per_s']:.1f} images/s{acc}")
     print(f"wrote {out}/samples.png and {out}/samples.npz")
@@ -306,19 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
-    p = _add(sub, "sample", cmd_sample, "draw class-conditional samples from a generator checkpoint")
+    p = _add(sub, "sample", cmd_sample, "draw class- or caption-conditional samples from a generator checkpoint")
     p.add_argument("ckpt", help="checkpoint of a 'task: generator' run")
     p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--classes", default="", help="comma-separated class indices, cycled (default: all)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the run's task.sample_cfg)")
-    p.add_argument("--cfg-schedule", default=None, help="constant, linear, half-linear or cosine")
+    p.add_argument("--cfg-schedule", default=None, help="constant, linear, half-linear, cosine or var")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-cache", action="store_true", help="recompute the full sequence each step (reference)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="caption for a text-conditioned generator (repeat for several; cycled over --n)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     return parser
 

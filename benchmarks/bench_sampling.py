@@ -11,23 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from common import timed, train_step_fn
 
 from arlab.generator.module import build_generator
-
-
-def timed(fn, device: str, repeat: int) -> float:
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeat
 
 
 def main() -> None:
@@ -52,16 +40,8 @@ def main() -> None:
         g = build_generator(exp, args.vocab, (args.grid, args.grid), num_classes=10).to(dev)
         n_params = sum(p.numel() for p in g.parameters())
         codes = torch.randint(0, args.vocab, (args.batch, args.grid, args.grid), device=dev)
-        opt = torch.optim.AdamW(g.parameters(), lr=1e-4)
-
-        def train_step(g=g, codes=codes, opt=opt):
-            out = g(codes, labels)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-
         g.train()
-        t_train = timed(train_step, dev, args.repeat)
+        t_train = timed(train_step_fn(g, codes, labels), dev, args.repeat)
         g.eval()
         t_cache = timed(lambda g=g: g.sample(labels, cfg_scale=args.cfg), dev, args.repeat)
         row = {"s": s, "params": n_params, "steps_per_image": g.steps_per_image,

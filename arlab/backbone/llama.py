@@ -20,6 +20,7 @@ reallocation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,7 @@ class Llama(nn.Module):
         qk_norm: bool = False  # RMSNorm on q and k per head (Token-Shuffle's stabiliser)
         dropout: float = 0.0  # residual and FFN dropout (LlamaGen 0.1)
         rope_base: float = 10000.0  # RoPE base per axis
+        rope: bool = True  # 2D RoPE; false = no rotary positions (VAR: learned absolute positions only)
         cond_mode: str = "prefix"  # prefix: condition tokens in the sequence; adaln: VAR's modulation
         init_std: float = 0.02  # N(0, std) init of the linear layers (LlamaGen 0.02)
 
@@ -229,7 +231,14 @@ class Llama(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def rope(self, rows: Tensor, cols: Tensor, identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not self.cfg.rope:
+            identity = torch.ones_like(rows, dtype=torch.bool)
         return rope_2d(rows, cols, self.head_dim, self.cfg.rope_base, identity)
+
+    def branch(self, depth: int) -> Llama:
+        """``depth`` more blocks with their own final norm, fed the trunk's pre-norm stream (NAR's extra
+        layers before the lower-neighbour head): ``branch(x_trunk, ...)``."""
+        return Llama(dataclasses.replace(self.cfg, depth=depth))
 
     # ------------------------------------------------------------------------------ cache
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -243,13 +252,15 @@ class Llama(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x_bld: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                pos_l: Tensor | None = None, cond_bd: Tensor | None = None) -> Tensor:
+                pos_l: Tensor | None = None, cond_bd: Tensor | None = None,
+                return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``x_bld`` (B, L, d) → ``h_bld`` (B, L, d), final norm applied.
 
         ``rope``: (cos, sin) for the L positions; ``mask``: None for plain causal attention, else a
         bool (L, S) / (B, 1, L, S) mask, True = may attend (S = cache length when decoding);
         ``pos_l``: absolute positions (L,) of the new tokens in the KV cache; ``cond_bd`` (B, d):
-        the adaLN condition.
+        the adaLN condition; ``return_trunk``: also return the last block's output before the final
+        norm (the input of a :meth:`branch`).
         """
         cos, sin = rope
         for b in self.blocks:
@@ -259,4 +270,4 @@ class Llama(nn.Module):
             assert cond_bd is not None
             scale, shift = self.head_ada(cond_bd)[:, None].chunk(2, dim=-1)
             h = h * (1 + scale) + shift
-        return h
+        return (h, x_bld) if return_trunk else h

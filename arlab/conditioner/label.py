@@ -3,6 +3,10 @@
 LlamaGen ``LabelEmbedder``: ``nn.Embedding(num_classes + 1, d)``; in training each label is
 replaced by the null class ``num_classes`` with probability ``dropout`` (0.1), so one model learns
 p(x | c) and p(x). Gives one prefix token (B, 1, d) and the adaLN vector (B, d).
+
+The conditioner interface (``conditioner/*``): ``from_batch(batch, classes)`` → the condition tensor
+``cond`` of a batch; ``forward(cond)`` → (prefix (B, P, d), adaLN vector (B, d), key validity (B, P)
+bool or None); ``drop`` (training CFG dropout), ``null_like``, ``check``, ``prefix_len``.
 """
 
 from __future__ import annotations
@@ -58,10 +62,17 @@ class ClassConditioner(nn.Module):
         u = torch.rand(labels_b.shape, device=labels_b.device, generator=generator)
         return torch.where(u < self.cfg.dropout, torch.full_like(labels_b, self.null), labels_b)
 
-    def forward(self, labels_b: Tensor) -> tuple[Tensor, Tensor]:
-        """Labels (B,) (null allowed) → (prefix tokens (B, 1, d), adaLN vector (B, d))."""
+    def forward(self, labels_b: Tensor) -> tuple[Tensor, Tensor, None]:
+        """Labels (B,) (null allowed) → (prefix tokens (B, 1, d), adaLN vector (B, d), no padding)."""
         e = self.embedding(labels_b)
-        return e[:, None], e
+        return e[:, None], e, None
+
+    def from_batch(self, batch: dict, classes: list[str] | None = None) -> Tensor:
+        return batch["label"]
+
+    def from_labels(self, labels_b: Tensor, classes: list[str] | None = None) -> Tensor:
+        """The condition that asks for classes ``labels_b`` (for evaluation and ``arlab sample``)."""
+        return labels_b
 
     def null_like(self, labels_b: Tensor) -> Tensor:
         return torch.full_like(labels_b, self.null)

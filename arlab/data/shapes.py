@@ -195,6 +195,14 @@ def caption_for(size_word: str, colour: str, shape: str, position: str) -> str:
     return f"a {size_word} {colour} {shape} {_PREPOSITION.get(position, 'in the')} {position}"
 
 
+def class_from_caption(caption: str) -> int:
+    """The class a caption asks for: the longest class name it contains (``inverted triangle`` before
+    ``triangle``); -1 if none."""
+    text = f" {caption.lower()} "
+    hits = [(len(name), i) for i, name in enumerate(CLASSES) if f" {name} " in text]
+    return max(hits)[1] if hits else -1
+
+
 def render(index: int, seed: int = 0, size: int = 32) -> ShapeSample:
     """Sample ``index`` of the dataset with ``seed`` at ``size`` px; depends on (seed, index) only."""
     if index < 0 or seed < 0:

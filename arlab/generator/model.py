@@ -1,18 +1,22 @@
-"""The AR generator: token embedding → Token-Shuffle → order → backbone → unshuffle → shared head.
+"""The AR generator: token inputs → Token-Shuffle → order → backbone (+ branch) → unshuffle → heads.
 
-One model for raster AR (LlamaGen), Token-Shuffle (s = 2, 4) and the orders of the baselines
-issue; every part is picked by name. Plain ``nn.Module``: usable without Lightning.
+One model for raster AR (LlamaGen), Token-Shuffle (s = 2, 4), VAR's next-scale and NAR's
+next-neighbour orders; every part is picked by name. Plain ``nn.Module``: usable without Lightning.
 
-Training (teacher forcing), for a token grid ``codes_bhw`` (B, h, w) and labels (B,):
+Training (teacher forcing), for tokens ``codes_bn`` (B, N) (or one grid ``codes_bhw``) and a
+condition ``cond`` (class labels (B,) or caption ids (B, P)):
 
-1. ``e = embed(codes)`` (B, h, w, d); ``f = shuffle(e)`` (B, h', w', d) with h' = h/s;
-2. the order's plan over the (h', w') grid gives the input sequence
-   ``[prefix (B, P, d), f[src[1]], ..., f[src[L−1]]]`` (B, P + L − 1, d) and its mask;
-3. ``hid = backbone(seq)[:, P − 1:]`` (B, L, d): hidden t predicts slot t;
-4. ``logits = head(unshuffle(hid))`` (B, L, s², V), put back on the grid → ``logits_bhwv`` (B, h, w, V).
+1. per-token inputs ``x`` (B, N, d): ``embed(codes)``, or the order's continuous inputs (VAR f̂);
+2. the layout's s×s windows, fused by Token-Shuffle: ``cells`` (B, C, d);
+3. the order's plan gives the sequence ``[condition (B, P, d), cells[in_cells[1:]] + bias]``
+   (B, P + L − 1, d) and its block-causal mask (plus the condition's padding mask);
+4. ``hid = backbone(seq)[:, P − 1:]`` (B, L, d) (NAR: also a branch of extra blocks);
+5. per head, ``head(unshuffle(hid))`` (B, L, s², V); target t averages the heads that read it
+   (``plan.reads``) → logits per token ``logits_bnv`` (B, N, V).
 
-Sampling: :meth:`Generator.sample` with the static KV cache, one order step at a time; the s²
-tokens of a window are drawn in parallel; CFG on logits with a schedule.
+Sampling: :meth:`Generator.sample` with the static KV cache, one order step at a time (every input
+of the step fed at once, every target of the step drawn in parallel); CFG on logits with a
+schedule. :meth:`Generator._sample_recompute` is the cache-free reference.
 """
 
 from __future__ import annotations
@@ -23,42 +27,98 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arlab.generator.sampling import cfg_weight, check_schedule, draw
+from arlab.errors import ConfigError
+from arlab.generator.layout import Layout
+from arlab.generator.sampling import cfg_weight, check_schedule, draw, is_guided
 from arlab.order.base import Order, OrderPlan
-from arlab.shuffle.window import TokenShuffle, grid_from_windows, window_grid
+from arlab.shuffle.window import TokenShuffle
 
 
 @dataclass
 class GenOut:
-    logits_bhwv: Tensor  # (B, h, w, V) float32
+    logits_bnv: Tensor  # (B, N, V) float32, per token in layout order
     loss: Tensor  # scalar: CE over every token (+ z-loss)
     ce: Tensor  # scalar CE
     ce_per_window_pos: Tensor  # (s²,) CE per position inside a Token-Shuffle window
     z_loss: Tensor
+    ce_per_scale: Tensor  # (S,) CE per scale (one grid: (1,))
+    grid: tuple[int, int] | None = None  # (h, w) of a one-grid layout
+
+    @property
+    def logits_bhwv(self) -> Tensor:
+        """(B, h, w, V) for a one-grid layout."""
+        if self.grid is None:
+            raise ValueError("a multi-scale layout has no single grid; use logits_bnv")
+        return self.logits_bnv.unflatten(1, self.grid)
 
 
 class Generator(nn.Module):
     def __init__(self, backbone: nn.Module, order: Order, shuffle: TokenShuffle, conditioner: nn.Module,
-                 vocab_size: int, grid: tuple[int, int], z_loss: float = 0.0, token_dropout: float = 0.0):
+                 vocab_size: int, scales: list | tuple, z_loss: float = 0.0, token_dropout: float = 0.0,
+                 quantizer: nn.Module | None = None):
         super().__init__()
         self.backbone, self.order, self.shuffle, self.conditioner = backbone, order, shuffle, conditioner
-        self.vocab_size, self.grid = vocab_size, tuple(grid)
+        if isinstance(scales, tuple) and len(scales) == 2 and all(isinstance(x, int) for x in scales):
+            scales = [scales]  # one (h, w) grid
+        self.layout = Layout(list(scales), shuffle.s)
+        self.vocab_size = vocab_size
+        self.grid = None if self.layout.multiscale else self.layout.scales[0]
         self.z_loss_weight = z_loss
         d = backbone.dim
-        h, w = self.grid
-        shuffle.check_grid(h, w)
-        self.fused = (h // shuffle.s, w // shuffle.s)
-        self.tok_embedding = nn.Embedding(vocab_size, d)
-        nn.init.normal_(self.tok_embedding.weight, std=0.02)
+        order.setup(self.layout, d, quantizer)
+        plan = order.plan(self.layout)
+        self.tok_embedding = None
+        if not order.continuous:
+            self.tok_embedding = nn.Embedding(vocab_size, d)
+            nn.init.normal_(self.tok_embedding.weight, std=0.02)
         self.token_drop = nn.Dropout(token_dropout)
         self.head = nn.Linear(d, vocab_size, bias=False)
         nn.init.zeros_(self.head.weight)  # LlamaGen: zero-initialised output layer
+        self.branch = self.head2 = None
+        if plan.heads == 2:  # NAR: a second head after extra blocks
+            if not hasattr(backbone, "branch"):
+                raise ConfigError(f"order {order.registry_key} needs a backbone with extra layers (branch); "
+                                  f"{type(backbone).__name__} has none")
+            self.branch = backbone.branch(order.extra_layers)
+            self.head2 = nn.Linear(d, vocab_size, bias=False)
+            nn.init.normal_(self.head2.weight, std=0.02)
+        elif plan.heads != 1:
+            raise ConfigError(f"{plan.heads} prediction heads are not supported (1 or 2)")
         self.adaln = getattr(backbone.cfg, "cond_mode", "prefix") == "adaln"
+        p, L = int(conditioner.prefix_len), plan.length
+        self.register_buffer("perm", plan.perm.clone(), persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(plan.perm), persistent=False)
+        self.register_buffer("in_cells", plan.in_cells.clamp(min=0), persistent=False)
+        self.register_buffer("reads", plan.reads.clamp(min=0), persistent=False)
+        w = (plan.reads >= 0).float()
+        self.register_buffer("read_w", w / w.sum(1, keepdim=True), persistent=False)  # (L, H) mean weights
+        self._reads_identity = plan.heads == 1 and torch.equal(plan.reads[:, 0], torch.arange(L))
+        in_order = torch.argsort(plan.in_step, stable=True)  # input slots grouped by the step that feeds them
+        counts = torch.bincount(plan.in_step, minlength=plan.steps).tolist()
+        self._in_bounds = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(plan.steps)]
+        local = torch.empty(L, dtype=torch.long)  # position of input slot j among its step's inputs
+        for a, b in self._in_bounds:
+            local[in_order[a:b]] = torch.arange(b - a)
+        self.register_buffer("in_order", in_order, persistent=False)
+        self.register_buffer("in_local", local, persistent=False)
+        # steps whose inputs are exactly their targets' own slots (raster, next-scale): logits need no gather
+        self._fed_is_target = [torch.equal(in_order[a:b], torch.arange(sl.start, sl.stop))
+                               for (a, b), sl in zip(self._in_bounds, plan.step_slices())]
+        rows, cols = order.rope_positions(self.layout, plan)
+        self.register_buffer("rope_rows", rows.float(), persistent=False)
+        self.register_buffer("rope_cols", cols.float(), persistent=False)
+        self.register_buffer("train_mask", plan.full_mask(p), persistent=False)  # (T, T)
+        vis = torch.zeros(L, p + L - 1, dtype=torch.bool)  # input j's visible cache positions
+        vis[:, :p] = True
+        inner = plan.mask if plan.mask is not None else torch.ones(L, L, dtype=torch.bool).tril()
+        vis[:, p - 1:] |= inner
+        self.register_buffer("vis", vis, persistent=False)
+        self._causal = plan.causal
 
     # ------------------------------------------------------------------------------ plan helpers
     @property
     def plan(self) -> OrderPlan:
-        return self.order.plan(*self.fused)
+        return self.order.plan(self.layout)
 
     @property
     def prefix_len(self) -> int:
@@ -68,154 +128,186 @@ class Generator(nn.Module):
     def steps_per_image(self) -> int:
         return self.plan.steps
 
-    def _condition(self, labels_b: Tensor) -> tuple[Tensor, Tensor | None]:
-        prefix, vec = self.conditioner(labels_b)
-        return prefix, (vec if self.adaln else None)
+    def _condition(self, cond: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        prefix, vec, valid = self.conditioner(cond)
+        return prefix, (vec if self.adaln else None), valid
 
-    def _rope(self, slots: Tensor, with_prefix: bool) -> tuple[Tensor, Tensor]:
-        """RoPE tables for the inputs of ``slots`` (n,), optionally preceded by the P prefix tokens (identity)."""
-        rows, cols = self.plan.rows_cols()
-        rows, cols = rows.to(slots.device)[slots], cols.to(slots.device)[slots]
-        ident = torch.zeros_like(slots, dtype=torch.bool)
-        if with_prefix:
-            p = self.prefix_len
-            zeros = torch.zeros(p, dtype=rows.dtype, device=slots.device)
-            rows, cols = torch.cat([zeros, rows]), torch.cat([zeros, cols])
-            ident = torch.cat([torch.ones(p, dtype=torch.bool, device=slots.device), ident])
+    def _rope(self, slots: Tensor | slice | None, prefix: int = 0) -> tuple[Tensor, Tensor]:
+        """RoPE tables for input slots (default all but slot 0), preceded by ``prefix`` identity positions."""
+        rows, cols = self.rope_rows, self.rope_cols
+        if slots is not None:
+            rows, cols = rows[slots], cols[slots]
+        ident = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        if prefix:
+            z = torch.zeros(prefix, device=rows.device)
+            rows, cols = torch.cat([z, rows]), torch.cat([z, cols])
+            ident = torch.cat([torch.ones(prefix, dtype=torch.bool, device=rows.device), ident])
         return self.backbone.rope(rows, cols, ident)
 
+    def _padding(self, mask: Tensor, valid: Tensor | None, q_pos: Tensor) -> Tensor:
+        """Combine a (Lq, S) mask with the condition's padding (B, P): padded keys are hidden from every
+        query but themselves (a padded query then still sees one key). → (B, 1, Lq, S) or ``mask``."""
+        if valid is None:
+            return mask
+        b, S = valid.shape[0], mask.shape[-1]
+        keys = torch.ones(b, S, dtype=torch.bool, device=mask.device)
+        keys[:, : valid.shape[1]] = valid
+        self_pos = torch.arange(S, device=mask.device)[None, :] == q_pos[:, None]  # (Lq, S)
+        return ((mask[None] & keys[:, None]) | self_pos[None])[:, None]
+
     def embed_windows(self, win_bnk: Tensor) -> Tensor:
-        """Tokens of n fused cells, (B, n, s²) → fused embeddings (B, n, d) (shuffle of a 1×n strip)."""
-        b, n, k = win_bnk.shape
-        s = self.shuffle.s
-        e = self.tok_embedding(win_bnk)  # (B, n, s², d)
-        grid = grid_from_windows(e.view(b, 1, n, k, -1), s)  # (B, s, n·s, d)
-        return self.shuffle.shuffle(grid).view(b, n, -1)
+        """Tokens of n cells, (B, n, s²) → fused input embeddings (B, n, d)."""
+        return self.shuffle.shuffle_windows(self.tok_embedding(win_bnk))
+
+    def _run(self, x: Tensor, rope, mask, pos, vec) -> list[Tensor]:
+        """Backbone (and NAR's branch): hidden states per head."""
+        if self.branch is None:
+            return [self.backbone(x, rope, mask=mask, pos_l=pos, cond_bd=vec)]
+        h, trunk = self.backbone(x, rope, mask=mask, pos_l=pos, cond_bd=vec, return_trunk=True)
+        return [h, self.branch(trunk, rope, mask=mask, pos_l=pos, cond_bd=vec)]
+
+    def _logits(self, hids: list[Tensor], targets: slice, step: int | None = None) -> Tensor:
+        """Logits (B, n_t, s², V) float32 of the target slots ``targets`` (one tensor of hidden states per
+        head): each target averages the heads that read it. ``step`` None: ``hids`` hold every input slot
+        in order (training); else only the inputs that decoding step fed."""
+        heads = [self.head] if self.head2 is None else [self.head, self.head2]
+        per_head = [head(self.shuffle.unshuffle(h)).float() for head, h in zip(heads, hids)]
+        if self._reads_identity and (step is None and targets == slice(0, self.plan.length)
+                                     or step is not None and self._fed_is_target[step]):
+            return per_head[0]
+        out = 0.0
+        for k, lg in enumerate(per_head):
+            idx = self.reads[targets, k]
+            idx = idx if step is None else self.in_local[idx]
+            wk = self.read_w[targets, k]
+            out = out + lg[:, idx.clamp(0, lg.shape[1] - 1)] * wk[None, :, None, None]
+        return out
+
+    def _slots_to_tokens(self, x_blk: Tensor) -> Tensor:
+        """Per target slot (B, L, s², ...) → per token (B, N, ...)."""
+        return self.layout.tokens(x_blk[:, self.inv_perm])
+
+    def _shape(self, x_bn: Tensor) -> Tensor:
+        return x_bn.unflatten(1, self.grid) if self.grid is not None else x_bn
 
     # ------------------------------------------------------------------------------ training forward
-    def forward(self, codes_bhw: Tensor, labels_b: Tensor) -> GenOut:
-        b, h, w = codes_bhw.shape
-        if (h, w) != self.grid:
-            raise ValueError(f"generator built for a {self.grid} token grid, got {(h, w)}")
-        plan, p = self.plan, self.prefix_len
-        prefix, vec = self._condition(labels_b)
-        fused = self.shuffle.shuffle(self.tok_embedding(codes_bhw)).flatten(1, 2)  # (B, h'w', d)
-        src_cells = plan.perm.to(codes_bhw.device)[plan.src[1:].to(codes_bhw.device)]
-        seq = torch.cat([prefix.to(fused.dtype), fused[:, src_cells]], dim=1)  # (B, P + L - 1, d)
-        seq = self.token_drop(seq)
-        slots = torch.arange(1, plan.length, device=codes_bhw.device)
-        mask = None if plan.mask is None else plan.full_mask(p, codes_bhw.device)
-        hid = self.backbone(seq, self._rope(slots, with_prefix=True), mask=mask, cond_bd=vec)[:, p - 1:]
-        logits_blkv = self.head(self.shuffle.unshuffle(hid)).float()  # (B, L, s², V) in slot order
-        logits_bhwv = self.slots_to_grid(logits_blkv)
-        ce_bhw = F.cross_entropy(logits_bhwv.permute(0, 3, 1, 2), codes_bhw, reduction="none")
-        ce = ce_bhw.mean()
-        z = torch.logsumexp(logits_bhwv, dim=-1).pow(2).mean() if self.z_loss_weight > 0 else ce.new_zeros(())
-        per_pos = window_grid(ce_bhw.detach(), self.shuffle.s).flatten(0, 2).mean(0)  # (s²,)
-        return GenOut(logits_bhwv, ce + self.z_loss_weight * z, ce, per_pos, z)
-
-    def slots_to_grid(self, x_blk: Tensor) -> Tensor:
-        """Per-slot values (B, L, s², ...) in order → the token grid (B, h, w, ...)."""
-        plan = self.plan
-        inv = torch.argsort(plan.perm).to(x_blk.device)  # cell -> slot
-        cells = x_blk[:, inv]  # (B, h'w', s², ...)
-        hp, wp = self.fused
-        return grid_from_windows(cells.unflatten(1, (hp, wp)), self.shuffle.s)
+    def forward(self, codes: Tensor, cond: Tensor) -> GenOut:
+        """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`."""
+        codes_bn = self.layout.flat(codes).long()
+        p = self.prefix_len
+        prefix, vec, valid = self._condition(cond)
+        x = self.order.token_inputs(codes_bn) if self.order.continuous else self.tok_embedding(codes_bn)
+        cells = self.shuffle.shuffle_windows(self.layout.windows(x))  # (B, C, d)
+        inp = cells[:, self.in_cells[1:]]
+        bias = self.order.input_bias()
+        if bias is not None:
+            inp = inp + bias[1:]
+        seq = self.token_drop(torch.cat([prefix.to(inp.dtype), inp], dim=1))  # (B, P + L - 1, d)
+        T = seq.shape[1]
+        mask = None if (self._causal and valid is None) else self._padding(self.train_mask, valid,
+                                                                              torch.arange(T, device=seq.device))
+        hids = [h[:, p - 1:] for h in self._run(seq, self._rope(slice(1, None), p), mask, None, vec)]
+        L = self.plan.length
+        logits_bnv = self._slots_to_tokens(self._logits(hids, slice(0, L)))  # (B, N, V)
+        ce_bn = F.cross_entropy(logits_bnv.transpose(1, 2), codes_bn, reduction="none")
+        ce = ce_bn.mean()
+        z = torch.logsumexp(logits_bnv, dim=-1).pow(2).mean() if self.z_loss_weight > 0 else ce.new_zeros(())
+        per_pos = self.layout.windows(ce_bn.detach()).mean((0, 1))  # (s²,)
+        per_scale = torch.stack([c.mean() for c in ce_bn.detach().split(self.layout.scale_tokens(), dim=1)])
+        return GenOut(logits_bnv, ce + self.z_loss_weight * z, ce, per_pos, z, per_scale, self.grid)
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, labels_b: Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+    def sample(self, cond: Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: torch.Generator | None = None, use_cache: bool = True,
                return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Draw token grids (B, h, w) for ``labels_b`` (B,); with ``return_logits`` also the guided
-        logits each token was drawn from (B, h, w, V)."""
+        """Draw tokens for conditions ``cond`` (labels (B,) or caption ids (B, P)): (B, h, w) for one grid,
+        else (B, N); with ``return_logits`` also the guided logits each token was drawn from (…, V)."""
         check_schedule(cfg_schedule)
-        self.conditioner.check(labels_b)
+        self.conditioner.check(cond)
         if not use_cache:
-            return self._sample_recompute(labels_b, cfg_scale, cfg_schedule, temperature, top_k, top_p,
-                                          generator, return_logits)
-        plan, p, dev = self.plan, self.prefix_len, labels_b.device
-        b, k = labels_b.shape[0], self.shuffle.tokens_per_slot
-        guided = cfg_scale != 1.0
-        cond_labels = torch.cat([labels_b, self.conditioner.null_like(labels_b)]) if guided else labels_b
-        prefix, vec = self._condition(cond_labels)
+            return self._sample_recompute(cond, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator,
+                                          return_logits)
+        plan, p, dev, lay = self.plan, self.prefix_len, cond.device, self.layout
+        b, k = cond.shape[0], lay.tokens_per_cell
+        guided = is_guided(cfg_schedule, cfg_scale)
+        conds = torch.cat([cond, self.conditioner.null_like(cond)]) if guided else cond
+        prefix, vec, valid = self._condition(conds)
         nb, total = prefix.shape[0], p + plan.length - 1
         dtype = next(self.backbone.parameters()).dtype
         if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
             dtype = torch.get_autocast_dtype(dev.type)
-        self.backbone.setup_cache(nb, total, dtype, dev)
-        vis = self._visibility(dev)  # (L, total) bool: what input t sees
-        slots_out = torch.zeros(b, plan.length, k, dtype=torch.long, device=dev)
+        for m in (self.backbone, self.branch):
+            if m is not None:
+                m.setup_cache(nb, total, dtype, dev)
+        cells_bck = torch.zeros(b, lay.num_cells, k, dtype=torch.long, device=dev)
+        codes_bn = torch.zeros(b, lay.num_tokens, dtype=torch.long, device=dev)
         logits_out = torch.zeros(b, plan.length, k, self.vocab_size, device=dev) if return_logits else None
-        src = plan.src.to(dev)
-        cos_all, sin_all = self._rope(torch.arange(plan.length, device=dev), with_prefix=False)  # once, on device
+        cos_all, sin_all = self._rope(None)  # every input slot, once, on device
+        bias = self.order.input_bias()
+        state = self.order.start_sampling() if self.order.continuous else None
         try:
-            for step, sl in enumerate(plan.step_slices()):
-                if step == 0:  # prefill: the prefix, causal among itself
+            for step, ((a, b_), tsl) in enumerate(zip(self._in_bounds, plan.step_slices())):
+                isl = self.in_order[a:b_]  # the input slots this step feeds (on device)
+                if step == 0:  # prefill: the condition, causal among itself
                     pos = torch.arange(p, device=dev)
                     mask = torch.ones(p, total, dtype=torch.bool, device=dev).tril()
                     x = prefix
-                    rope = self.backbone.rope(torch.zeros_like(pos), torch.zeros_like(pos),
-                                              torch.ones_like(pos, dtype=torch.bool))
-                    assert sl == slice(0, 1), "the first step of an order emits slot 0 alone"
+                    rope = self.backbone.rope(torch.zeros(p, device=dev), torch.zeros(p, device=dev),
+                                              torch.ones(p, dtype=torch.bool, device=dev))
                 else:
-                    slots = torch.arange(sl.start, sl.stop, device=dev)
-                    pos = p - 1 + slots
-                    mask = vis[slots]
-                    win = slots_out[:, src[slots]]  # (B, n, s²): the tokens that feed these slots
-                    x = self.embed_windows(torch.cat([win, win]) if guided else win)
-                    rope = (cos_all[sl], sin_all[sl])
-                hid = self.backbone(x.to(prefix.dtype), rope, mask=mask, pos_l=pos, cond_bd=vec)
-                hid = hid[:, -1:] if step == 0 else hid
-                logits = self.head(self.shuffle.unshuffle(hid)).float()  # (nb, n, s², V)
+                    pos = p - 1 + isl
+                    mask = self.vis[isl]
+                    if self.order.continuous:
+                        x_tok, off = self.order.step_inputs(state, step, codes_bn)  # (B, n_tok, d)
+                        buf = x_tok.new_zeros(b, lay.num_tokens, x_tok.shape[-1])
+                        buf[:, off:off + x_tok.shape[1]] = x_tok
+                        x = self.shuffle.shuffle_windows(buf[:, lay.win_index[self.in_cells[isl]]])
+                    else:
+                        x = self.embed_windows(cells_bck[:, self.in_cells[isl]])
+                    if bias is not None:
+                        x = x + bias[isl]
+                    x = torch.cat([x, x]) if guided else x
+                    rope = (cos_all[isl], sin_all[isl])
+                hids = self._run(x.to(dtype), rope, self._padding(mask, valid, pos), pos, vec)
+                if step == 0:
+                    hids = [h[:, -1:] for h in hids]
+                logits = self._logits(hids, tsl, step)  # (nb, n_t, s², V)
                 if guided:
                     lc, lu = logits.chunk(2)
                     logits = lu + cfg_weight(cfg_schedule, cfg_scale, step, plan.steps) * (lc - lu)
-                slots_out[:, sl] = draw(logits, temperature, top_k, top_p, generator)
+                tok = draw(logits, temperature, top_k, top_p, generator)  # (B, n_t, s²)
+                cells = self.perm[tsl]
+                cells_bck[:, cells] = tok
+                codes_bn[:, lay.win_index[cells].flatten()] = tok.flatten(1)
                 if logits_out is not None:
-                    logits_out[:, sl] = logits
+                    logits_out[:, tsl] = logits
         finally:
-            self.backbone.clear_cache()
-        codes = self.slots_to_grid(slots_out)
-        return (codes, self.slots_to_grid(logits_out)) if return_logits else codes
+            for m in (self.backbone, self.branch):
+                if m is not None:
+                    m.clear_cache()
+        codes = self._shape(codes_bn)
+        return (codes, self._shape(self._slots_to_tokens(logits_out))) if return_logits else codes
 
-    def _visibility(self, dev: torch.device) -> Tensor:
-        """(L, P + L − 1) bool: cache positions input t attends (the prefix, and inputs its mask allows)."""
-        plan, p = self.plan, self.prefix_len
-        L = plan.length
-        m = torch.zeros(L, p + L - 1, dtype=torch.bool, device=dev)
-        m[:, :p] = True
-        inner = plan.mask.to(dev) if plan.mask is not None else torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-        m[:, p - 1:] |= inner
-        return m
-
-    def _sample_recompute(self, labels_b, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator,
-                          return_logits):
+    def _sample_recompute(self, cond, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator, return_logits):
         """Reference sampler: no cache, the full teacher-forced forward at every step (for tests/benchmarks)."""
-        plan, dev = self.plan, labels_b.device
-        b = labels_b.shape[0]
-        guided = cfg_scale != 1.0
-        codes = torch.zeros(b, *self.grid, dtype=torch.long, device=dev)
-        out_logits = torch.zeros(b, *self.grid, self.vocab_size, device=dev) if return_logits else None
-        inv_cells = plan.perm.to(dev)
-        hp, wp = self.fused
-        s = self.shuffle.s
-        for step, sl in enumerate(plan.step_slices()):
+        plan, dev, lay = self.plan, cond.device, self.layout
+        b = cond.shape[0]
+        guided = is_guided(cfg_schedule, cfg_scale)
+        codes = torch.zeros(b, lay.num_tokens, dtype=torch.long, device=dev)
+        out_logits = torch.zeros(b, lay.num_tokens, self.vocab_size, device=dev) if return_logits else None
+        for step, tsl in enumerate(plan.step_slices()):
             if guided:
-                null = self.conditioner.null_like(labels_b)
-                both = self.forward(torch.cat([codes, codes]), torch.cat([labels_b, null]))
-                lc, lu = both.logits_bhwv.chunk(2)
+                both = self.forward(torch.cat([codes, codes]), torch.cat([cond, self.conditioner.null_like(cond)]))
+                lc, lu = both.logits_bnv.chunk(2)
                 logits = lu + cfg_weight(cfg_schedule, cfg_scale, step, plan.steps) * (lc - lu)
             else:
-                logits = self.forward(codes, labels_b).logits_bhwv
-            win_logits = window_grid(logits, s).flatten(1, 2)[:, inv_cells[sl]]  # (B, n, s², V)
-            tok = draw(win_logits, temperature, top_k, top_p, generator)  # (B, n, s²)
-            win_codes = window_grid(codes, s).flatten(1, 2)
-            win_codes[:, inv_cells[sl]] = tok
-            codes = grid_from_windows(win_codes.unflatten(1, (hp, wp)), s).contiguous()
+                logits = self.forward(codes, cond).logits_bnv
+            tok_idx = lay.win_index[self.perm[tsl]]  # (n, s²) token positions of this step's cells
+            win_logits = logits[:, tok_idx]  # (B, n, s², V)
+            tok = draw(win_logits, temperature, top_k, top_p, generator)
+            codes[:, tok_idx.flatten()] = tok.flatten(1)
             if out_logits is not None:
-                wl = window_grid(out_logits, s).flatten(1, 2)
-                wl[:, inv_cells[sl]] = win_logits
-                out_logits = grid_from_windows(wl.unflatten(1, (hp, wp)), s).contiguous()
-        return (codes, out_logits) if return_logits else codes
+                out_logits[:, tok_idx.flatten()] = win_logits.flatten(1, 2)
+        return (self._shape(codes), self._shape(out_logits)) if return_logits else self._shape(codes)

@@ -36,14 +36,19 @@ from arlab.tokenizer.module import warmup_cosine
 log = logging.getLogger("arlab.generator")
 
 
-def build_generator(experiment: dict[str, Any], vocab_size: int, grid: tuple[int, int], num_classes: int,
-                    z_loss: float = 0.0, token_dropout: float = 0.0) -> Generator:
-    """Assemble the generator from an experiment's backbone / order / shuffle / conditioner slots."""
+def build_generator(experiment: dict[str, Any], vocab_size: int, scales: list | tuple[int, int], num_classes: int,
+                    z_loss: float = 0.0, token_dropout: float = 0.0, quantizer: torch.nn.Module | None = None
+                    ) -> Generator:
+    """Assemble the generator from an experiment's backbone / order / shuffle / conditioner slots.
+
+    ``scales``: the tokenizer's (h, w) grid or its list of scales; ``quantizer``: the tokenizer's msvq
+    (the next-scale order builds its inputs with it)."""
     backbone = build("backbone", experiment["backbone"])
     order = build("order", experiment.get("order", "raster"))
     shuffle = build("shuffle", experiment.get("shuffle", {"type": "window", "s": 1}), dim=backbone.dim)
     cond = build("conditioner", experiment.get("conditioner", "class"), dim=backbone.dim, num_classes=num_classes)
-    return Generator(backbone, order, shuffle, cond, vocab_size, grid, z_loss=z_loss, token_dropout=token_dropout)
+    return Generator(backbone, order, shuffle, cond, vocab_size, scales, z_loss=z_loss, token_dropout=token_dropout,
+                     quantizer=quantizer)
 
 
 @register("task", "generator")
@@ -123,10 +128,14 @@ class GeneratorModule(pl.LightningModule):
         self.meta = meta
         self.run_seed = int((experiment.get("run") or {}).get("seed", 0))
         self.grid = tuple(meta["grid"])
-        self.model = build_generator(experiment, meta["vocab_size"], self.grid, meta["num_classes"],
-                                     z_loss=cfg.z_loss, token_dropout=cfg.token_dropout)
-        self.tokens_per_sample = self.grid[0] * self.grid[1]
+        scales = [(int(p), int(p)) for p in meta.get("scales", [self.grid[0]])]
         self._tokenizer = None
+        quantizer = None
+        if len(scales) > 1:  # next-scale inputs come from the tokenizer's msvq
+            quantizer = self.tokenizer.quantizer
+        self.model = build_generator(experiment, meta["vocab_size"], scales, meta["num_classes"],
+                                     z_loss=cfg.z_loss, token_dropout=cfg.token_dropout, quantizer=quantizer)
+        self.tokens_per_sample = self.model.layout.num_tokens
         self.last_val: dict[str, float] = {}
         self.last_val_step = -1
         self.final: dict[str, float] = {}
@@ -135,15 +144,13 @@ class GeneratorModule(pl.LightningModule):
     def _read_meta(self, experiment: dict[str, Any]) -> dict[str, Any]:
         dm = build("data", experiment["data"])
         tok = dm.tokenizer_meta
-        if tok.get("multiscale"):
-            raise ConfigError(f"tokenizer {tok['checkpoint']} is multi-scale (msvq); its per-scale maps need the "
-                              "next-scale order, not a single token grid")
         vocab = int(tok["vocab_size"])
         if self.cfg.vocab_size and self.cfg.vocab_size != vocab:
             raise ConfigError(f"task.vocab_size={self.cfg.vocab_size} does not match the tokenizer's vocabulary "
                               f"{vocab} ({tok['checkpoint']}); set it to 0 or {vocab}")
         side = int(tok["scales"][-1])
-        return {"vocab_size": vocab, "grid": [side, side], "num_classes": dm.num_classes, "classes": dm.classes,
+        return {"vocab_size": vocab, "grid": [side, side], "scales": [int(p) for p in tok["scales"]],
+                "num_classes": dm.num_classes, "classes": dm.classes,
                 "dataset": dm.manifest["name"], "tokenizer_ckpt": str(Path(self.cfg.tokenizer_ckpt).resolve()),
                 "image_size": int(tok["image_size"])}
 
@@ -156,11 +163,13 @@ class GeneratorModule(pl.LightningModule):
 
             tok = load_tokenizer(self.meta["tokenizer_ckpt"], map_location="cpu").to(self.device)
             object.__setattr__(self, "_tokenizer", tok)
+        if next(self._tokenizer.parameters()).device != self.device:
+            self._tokenizer.to(self.device)
         return self._tokenizer
 
     def configure_optimizers(self):
         c = self.cfg
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]  # (a bound msvq is frozen)
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=tuple(c.betas))
@@ -175,16 +184,21 @@ class GeneratorModule(pl.LightningModule):
 
     def _codes(self, batch: dict[str, Any]) -> Tensor:
         tokens = batch["tokens"]
-        h, w = self.grid
-        if tokens.shape[1] != h * w:
-            raise ValueError(f"token shards hold {tokens.shape[1]} tokens per image but the generator expects {h}x{w}")
-        return tokens.view(-1, h, w).long()
+        n = self.model.layout.num_tokens
+        if tokens.shape[1] != n:
+            raise ValueError(f"token shards hold {tokens.shape[1]} tokens per image but the generator expects {n} "
+                             f"(scales {self.model.layout.scales})")
+        return tokens.long()
+
+    def _cond(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's condition: class labels, or caption ids for a text conditioner."""
+        return self.model.conditioner.from_batch(batch, self.meta["classes"])
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         codes = self._codes(batch)
-        labels = self.model.conditioner.drop(batch["label"])
-        out = self.model(codes, labels)
+        cond = self.model.conditioner.drop(self._cond(batch))
+        out = self.model(codes, cond)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite generator loss {out.loss.item()} at step {self.global_step} "
                                      f"(batch {batch_idx}, keys {batch['key'][:4]}...); the last good checkpoint "
@@ -195,6 +209,8 @@ class GeneratorModule(pl.LightningModule):
             logs["train/z_loss"] = out.z_loss.detach()
         if out.ce_per_window_pos.numel() > 1:
             logs.update({f"train/ce_pos{k}": v for k, v in enumerate(out.ce_per_window_pos)})
+        if out.ce_per_scale.numel() > 1:
+            logs.update({f"train/ce_scale{k}": v for k, v in enumerate(out.ce_per_scale)})
         self.log_dict(logs, batch_size=b)
         self.log("ce", out.ce.detach(), prog_bar=True, logger=False, batch_size=b)
         n = self.cfg.sample_every_n_steps
@@ -203,8 +219,11 @@ class GeneratorModule(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.model(self._codes(batch), batch["label"])
-        self.log("val/ce", out.ce, batch_size=batch["tokens"].shape[0], sync_dist=True)
+        out = self.model(self._codes(batch), self._cond(batch))
+        b = batch["tokens"].shape[0]
+        self.log("val/ce", out.ce, batch_size=b, sync_dist=True)
+        if out.ce_per_scale.numel() > 1:
+            self.log_dict({f"val/ce_scale{k}": v for k, v in enumerate(out.ce_per_scale)}, batch_size=b, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -221,8 +240,9 @@ class GeneratorModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ samples
     @torch.no_grad()
-    def generate(self, labels: Tensor, seed: int, batch_size: int = 100, **kw: Any) -> tuple[np.ndarray, float]:
-        """Sample images (N, H, W, 3) uint8 for ``labels``; returns them and the images/s."""
+    def generate(self, cond: Tensor, seed: int, batch_size: int = 100, **kw: Any) -> tuple[np.ndarray, float]:
+        """Sample images (N, H, W, 3) uint8 for conditions ``cond`` (labels or caption ids); returns them and
+        the images/s."""
         c = self.cfg
         was_training = self.model.training
         self.model.eval()
@@ -230,29 +250,49 @@ class GeneratorModule(pl.LightningModule):
         opts = {"cfg_scale": c.sample_cfg, "cfg_schedule": c.sample_schedule, "temperature": c.sample_temperature,
                 "top_k": c.sample_top_k} | kw
         out, t0 = [], time.perf_counter()
-        for i in range(0, len(labels), batch_size):
-            codes = self.model.sample(labels[i:i + batch_size].to(self.device), generator=g, **opts)
+        for i in range(0, len(cond), batch_size):
+            codes = self.model.sample(cond[i:i + batch_size].to(self.device), generator=g, **opts)
+            if self.model.layout.multiscale:
+                codes = self.tokenizer.unflatten_indices(codes)
             x = self.tokenizer.detokenize(codes)
             out.append(x.float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
         dt = time.perf_counter() - t0
         self.model.train(was_training)
-        return np.concatenate(out), len(labels) / max(dt, 1e-9)
+        return np.concatenate(out), len(cond) / max(dt, 1e-9)
 
     def balanced_labels(self, n: int) -> Tensor:
         return torch.arange(n) % self.meta["num_classes"]
+
+    def eval_conditions(self, n: int) -> tuple[Tensor, Tensor, list[str] | None]:
+        """``n`` conditions with balanced classes: (cond, labels, prompts or None). A text model on shapes
+        gets the captions of the first ``n`` test images (their class is read from the caption's shape
+        word); otherwise the class labels (text: ``conditioner.template`` with the class name)."""
+        labels = self.balanced_labels(n)
+        cond = self.model.conditioner
+        if not hasattr(cond, "encode"):
+            return labels, labels, None
+        if self.meta["dataset"].startswith("shapes"):
+            from arlab.data.shapes import TEST_START, class_from_caption, render
+
+            samples = [render(TEST_START + i, size=self.meta["image_size"]) for i in range(n)]
+            prompts = [s.caption for s in samples]
+            labels = torch.tensor([class_from_caption(t) for t in prompts])
+        else:
+            prompts = cond.decode(cond.from_labels(labels, self.meta["classes"]))
+        return cond.encode(prompts), labels, prompts
 
     def _log_samples(self) -> None:
         exp = getattr(self.logger, "experiment", None)
         if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
             return
-        images, _ = self.generate(self.balanced_labels(self.cfg.n_sample_images), seed=self.global_step)
+        images, _ = self.generate(self.eval_conditions(self.cfg.n_sample_images)[0], seed=self.global_step)
         exp.add_image("samples", _grid(images, nrow=self.meta["num_classes"]), self.global_step, dataformats="HWC")
 
     def on_train_end(self) -> None:
         if self.global_rank != 0 or self.cfg.eval_samples <= 0:
             return
-        labels = self.balanced_labels(self.cfg.eval_samples)
-        images, rate = self.generate(labels, seed=1234)
+        cond, labels, _ = self.eval_conditions(self.cfg.eval_samples)
+        images, rate = self.generate(cond, seed=1234)
         self.final = {"sample/images_per_s": rate, "sample/steps_per_image": float(self.model.steps_per_image)}
         if self.meta["dataset"].startswith("shapes"):
             from arlab.data.shapes import classify_batch
@@ -267,7 +307,7 @@ class GeneratorModule(pl.LightningModule):
                 exp.add_scalar(k, v, self.global_step)
 
     def final_metrics(self) -> dict[str, float]:
-        n = sum(p.numel() for p in self.model.parameters())
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # a bound msvq is not counted
         return {**self.last_val, **self.final, "model/params": float(n),
                 "model/backbone_params": float(sum(p.numel() for p in self.model.backbone.parameters()))}
 
@@ -312,9 +352,10 @@ def load_generator(path: str | Path, map_location: str = "cpu") -> GeneratorModu
 def sample_to_files(ckpt: str | Path, out: str | Path, n: int = 100, batch_size: int = 100,
                     classes: list[int] | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
                     top_k: int | None = None, top_p: float = 1.0, temperature: float | None = None, seed: int = 0,
-                    device: str = "cpu", use_cache: bool = True) -> dict[str, Any]:
-    """``arlab sample``: draw ``n`` images (balanced over ``classes``), write ``samples.png`` and
-    ``samples.npz`` (``images`` N×H×W×3 uint8, ``labels`` N) under ``out``; returns a summary."""
+                    device: str = "cpu", use_cache: bool = True, prompts: list[str] | None = None) -> dict[str, Any]:
+    """``arlab sample``: draw ``n`` images (balanced over ``classes``; a text model: ``prompts`` cycled, or
+    captions for the classes), write ``samples.png`` and ``samples.npz`` (``images`` N×H×W×3 uint8,
+    ``labels`` N (-1 = unknown), ``prompts``) under ``out``; returns a summary."""
     module = load_generator(ckpt).to(device)
     c = module.cfg
     k = module.meta["num_classes"]
@@ -326,19 +367,37 @@ def sample_to_files(ckpt: str | Path, out: str | Path, n: int = 100, batch_size:
     schedule = cfg_schedule or c.sample_schedule
     check_schedule(schedule)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    cond, prompt_list = labels, None
+    cmod = module.model.conditioner
+    if hasattr(cmod, "encode"):  # a text model: the given prompts, else captions/templates for the classes
+        if prompts:
+            prompt_list = [prompts[i % len(prompts)] for i in range(n)]
+            if module.meta["dataset"].startswith("shapes"):
+                from arlab.data.shapes import class_from_caption
+
+                labels = torch.tensor([class_from_caption(t) for t in prompt_list])
+            else:
+                labels = torch.full((n,), -1)
+            cond = cmod.encode(prompt_list)
+        else:
+            cond, labels, prompt_list = module.eval_conditions(n)
+    elif prompts:
+        raise ConfigError(f"--prompt needs a text-conditioned generator; '{ckpt}' is conditioned on class labels "
+                          "(use --classes)")
     opts = {"cfg_scale": c.sample_cfg if cfg is None else cfg, "cfg_schedule": schedule,
             "temperature": c.sample_temperature if temperature is None else temperature,
             "top_k": c.sample_top_k if top_k is None else top_k, "top_p": top_p, "use_cache": use_cache}
-    images, rate = module.generate(labels, seed=seed, batch_size=batch_size, **opts)
+    images, rate = module.generate(cond, seed=seed, batch_size=batch_size, **opts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", images=images, labels=labels.numpy())
+    np.savez(out / "samples.npz", images=images, labels=labels.numpy(), prompts=np.array(prompt_list or [], dtype=str))
     from PIL import Image
 
     Image.fromarray(_grid(images, nrow=min(len(classes), 20))).save(out / "samples.png")
     summary: dict[str, Any] = {"n": n, "images_per_s": rate, "steps_per_image": module.model.steps_per_image, **opts}
-    if module.meta["dataset"].startswith("shapes"):
+    known = labels.numpy() >= 0
+    if module.meta["dataset"].startswith("shapes") and known.any():
         from arlab.data.shapes import classify_batch
 
-        summary["class_acc"] = float((classify_batch(images) == labels.numpy()).mean())
+        summary["class_acc"] = float((classify_batch(images)[known] == labels.numpy()[known]).mean())
     return summary

@@ -8,6 +8,9 @@ default; arlab notes §3.7):
 * ``linear``: 1 + (w − 1)·t
 * ``half-linear``: 1 + (w − 1)·min(1, 2t)  (ramp over the first half of the steps, then hold)
 * ``cosine``: 1 + (w − 1)·(1 − cos πt)/2
+* ``var``: 1 + w·t — VAR's own ramp (``autoregressive_infer_cfg``: ``t = cfg·si/(S−1)``,
+  ``logits = (1 + t)·c − t·u``), guidance growing linearly with the scale index from none at the
+  first scale; ``w`` is VAR's ``cfg`` (its README's 1.5 means 2.5 at the last scale).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from arlab.errors import ConfigError
 
-CFG_SCHEDULES = ("constant", "linear", "half-linear", "cosine")
+CFG_SCHEDULES = ("constant", "linear", "half-linear", "cosine", "var")
 
 
 def check_schedule(name: str) -> None:
@@ -40,9 +43,16 @@ def cfg_weight(schedule: str, scale: float, step: int, steps: int) -> float:
         ramp = t
     elif schedule == "half-linear":
         ramp = min(1.0, 2.0 * t)
+    elif schedule == "var":
+        return 1.0 + scale * t
     else:
         ramp = (1.0 - math.cos(math.pi * t)) / 2.0
     return 1.0 + (scale - 1.0) * ramp
+
+
+def is_guided(schedule: str, scale: float) -> bool:
+    """Whether any step's weight differs from 1 (``var``: scale 0 is unguided; others: scale 1)."""
+    return scale != (0.0 if schedule == "var" else 1.0)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

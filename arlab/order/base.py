@@ -1,21 +1,25 @@
-"""The order interface: how a generator walks a token grid.
+"""The order interface: how a generator walks the cells of a token layout.
 
-An order turns an h×w grid of (possibly Token-Shuffle-fused) tokens into an :class:`OrderPlan`:
+Cells are the Token-Shuffle-fused positions of :class:`arlab.generator.layout.Layout` (one grid, or
+VAR's scales). An order turns a layout into an :class:`OrderPlan` over ``L`` target slots and ``L``
+input slots:
 
-* ``perm`` (L,): the row-major grid index of the *target* at sequence slot t (L = h·w);
-* ``src`` (L,): the slot whose token is the *input* at slot t; ``src[0] = -1`` means slot 0 is
-  predicted by the last condition (prefix) token, so the input sequence is
-  ``[prefix (P tokens), embed(x[src[1]]), ..., embed(x[src[L-1]])]`` and the hidden state at
-  sequence index ``P − 1 + t`` predicts target t (LlamaGen's alignment, generalised);
-* ``step_sizes``: how many consecutive slots each decoding step emits (raster: L steps of 1);
-* ``mask`` (L, L) bool or None: input t may attend input t' (True = visible); None = plain causal
-  (``t' ≤ t``), which lets the backbone take SDPA's causal fast path. Every input always sees the
-  whole prefix.
+* ``perm`` (L,): the cell of the *target* at slot t; targets are emitted in slot order,
+  ``step_sizes`` of them per decoding step;
+* input slot j is fed at sequence index ``P − 1 + j`` after the P condition tokens: slot 0 *is* the
+  last condition token; slot j ≥ 1 carries the input of cell ``in_cells[j]`` — the embedded token
+  of that cell (``src[j]`` = the target slot that emitted it) or, for an order with continuous
+  inputs (VAR's f̂), whatever :meth:`Order.token_inputs` gives there (``src`` is None);
+* ``in_step`` (L,): the decoding step that feeds input j (step 0 feeds slot 0 alone, the prefill;
+  inputs need not be fed in slot order: NAR keeps the raster order in its sequence); the attention
+  mask is block-causal over it: input j sees input j' iff
+  ``in_step[j'] <= in_step[j]`` (plain causal when every step feeds one input, which lets the
+  backbone take SDPA's causal fast path). Every input sees the whole condition.
+* ``reads`` (L, H): the input slot whose hidden state head h reads for target t (−1 = head h does
+  not predict t); a target's logits are the mean over its heads (NAR's two heads). A target of step
+  k reads only inputs fed at step k, so a KV-cached decoder needs just that step's hidden states.
 
-Decoding step k feeds the inputs of its slots (their sources were emitted by earlier steps) at
-cache positions ``P − 1 + t`` and reads the targets from their hidden states; step 0 is the prefill
-of the prefix. An order whose inputs are not embedded tokens (VAR's continuous f̂) overrides
-:meth:`Order.inputs`.
+Raster: ``in_cells[j] = perm[j − 1]``, one input and one target per step, ``reads[t] = t``.
 """
 
 from __future__ import annotations
@@ -25,75 +29,142 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from arlab.errors import ConfigError
+
 
 @dataclass
 class OrderPlan:
-    h: int
-    w: int
-    perm: Tensor  # (L,) int64 grid index (row-major) of target slot t
-    src: Tensor  # (L,) int64 slot whose token is input t; -1: the last prefix token
-    step_sizes: list[int]  # slots emitted per decoding step, in slot order; sums to L
-    mask: Tensor | None  # (L, L) bool, True = input t may attend input t'; None = causal
+    perm: Tensor  # (L,) int64 cell of target slot t
+    step_sizes: list[int]  # targets emitted per decoding step, in slot order; sums to L
+    in_cells: Tensor  # (L,) int64 cell whose input feeds input slot j (slot 0: -1, the last condition token)
+    in_step: Tensor  # (L,) int64 decoding step that feeds input slot j (its KV-cache position is P - 1 + j)
+    reads: Tensor  # (L, H) int64 input slot read by head h for target t; -1 = none
+    src: Tensor | None = None  # (L,) target slot whose token input j embeds (-1 at j = 0); None: continuous
 
     @property
     def length(self) -> int:
-        return self.h * self.w
+        return int(self.perm.shape[0])
 
     @property
     def steps(self) -> int:
         return len(self.step_sizes)
 
+    @property
+    def heads(self) -> int:
+        return int(self.reads.shape[1])
+
+    @property
+    def causal(self) -> bool:
+        """True when the mask is plain causal (one input per step)."""
+        return bool((self.in_step[1:] > self.in_step[:-1]).all())
+
+    @property
+    def mask(self) -> Tensor | None:
+        """(L, L) bool, True = input j may attend input j' (block-causal over ``in_step``); None = causal."""
+        if self.causal:
+            return None
+        return self.in_step[None, :] <= self.in_step[:, None]
+
     def step_slices(self) -> list[slice]:
+        """Target slots of each decoding step."""
         out, start = [], 0
         for n in self.step_sizes:
             out.append(slice(start, start + n))
             start += n
         return out
 
-    def rows_cols(self) -> tuple[Tensor, Tensor]:
-        """Grid (row, col) of each *input* slot (the cell of its source token; slot 0 gets (0, 0))."""
-        cell = self.perm[self.src.clamp(min=0)]
-        return cell // self.w, cell % self.w
+    def input_slots(self) -> list[Tensor]:
+        """Input slots fed at each decoding step, ascending (int64 index tensors)."""
+        order = torch.argsort(self.in_step, stable=True)
+        return list(order.split(torch.bincount(self.in_step, minlength=self.steps).tolist()))
 
     def step_of_slot(self) -> Tensor:
+        """(L,) decoding step that emits target slot t."""
         return torch.repeat_interleave(torch.arange(len(self.step_sizes)), torch.tensor(self.step_sizes))
 
     def full_mask(self, prefix: int, device: torch.device | None = None) -> Tensor:
         """(P + L − 1, P + L − 1) bool mask of the training sequence (prefix causal among itself)."""
         n = prefix + self.length - 1
         m = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        if self.mask is not None:
-            m[prefix - 1:, prefix - 1:] = self.mask.to(device)
+        inner = self.mask
+        if inner is not None:
+            m[prefix - 1:, prefix - 1:] = inner.to(device)
         return m
 
     def check(self) -> None:
         """Structural invariants every order must satisfy (tests call this for every registered order)."""
         L = self.length
         assert self.perm.shape == (L,) and torch.equal(self.perm.sort().values, torch.arange(L)), "perm"
-        assert self.src.shape == (L,) and int(self.src[0]) == -1, "slot 0 comes from the prefix"
         assert sum(self.step_sizes) == L and all(n > 0 for n in self.step_sizes), "steps"
+        assert self.in_cells.shape == (L,) and int(self.in_cells[0]) == -1, "input slot 0 is the condition"
+        assert self.in_step.shape == (L,) and int(self.in_step[0]) == 0, "step 0 feeds the condition"
+        assert L == 1 or int(self.in_step[1:].min()) >= 1, "step 0 feeds only the condition token"
+        assert int(self.in_step.max()) < self.steps, "an input fed after the last step"
         step = self.step_of_slot()
-        for t in range(1, L):  # an input is known before its slot's step
-            assert 0 <= int(self.src[t]) < L and step[int(self.src[t])] < step[t], f"src of slot {t}"
-        if self.mask is not None:
-            assert self.mask.shape == (L, L) and bool(self.mask.diagonal().all())
-            later = step[None, :] > step[:, None]
-            assert not bool((self.mask & later).any()), "an input sees a later step"
+        assert self.reads.ndim == 2 and self.reads.shape[0] == L, "reads"
+        assert bool((self.reads >= 0).any(1).all()), "every target is read by at least one head"
+        read_step = self.in_step[self.reads.clamp(min=0)]
+        ok = (self.reads < 0) | (read_step == step[:, None])
+        assert bool(ok.all()), "a target reads an input not fed at its own step"
+        if self.src is not None:
+            assert self.src.shape == (L,) and int(self.src[0]) == -1
+            for j in range(1, L):  # an input token is drawn before the step that feeds it
+                t = int(self.src[j])
+                assert 0 <= t < L and step[t] < self.in_step[j], f"input {j} comes from a later step"
+                assert int(self.in_cells[j]) == int(self.perm[t]), f"in_cells of input {j}"
 
 
 class Order(nn.Module):
-    """Base class of ``order/*`` components: ``plan(h, w)`` → :class:`OrderPlan` (cached per grid)."""
+    """Base class of ``order/*`` components: ``plan(layout)`` → :class:`OrderPlan` (cached per layout).
+
+    Class attributes: ``multiscale`` (None: one grid only; True: needs VAR's scales), ``heads``
+    (prediction heads), ``continuous`` (inputs from :meth:`token_inputs` instead of token
+    embeddings). :meth:`setup` is called once by the generator with the layout and width.
+    """
+
+    multiscale: bool | None = None
+    heads: int = 1
+    extra_layers: int = 0  # transformer layers before the second head (NAR)
+    continuous: bool = False
 
     def __init__(self) -> None:
         super().__init__()
-        self._plans: dict[tuple[int, int], OrderPlan] = {}
+        self._plans: dict[tuple, OrderPlan] = {}
 
-    def make_plan(self, h: int, w: int) -> OrderPlan:
+    def make_plan(self, layout) -> OrderPlan:
         raise NotImplementedError
 
-    def plan(self, h: int, w: int) -> OrderPlan:
-        if (h, w) not in self._plans:
-            p = self.make_plan(h, w)
+    def check_layout(self, layout) -> None:
+        name = getattr(self, "registry_key", type(self).__name__).split("/")[-1]
+        if self.multiscale is None and layout.multiscale:
+            raise ConfigError(f"order {name!r} walks one token grid, but the tokenizer is multi-scale (scales "
+                              f"{layout.scales}); use order next_scale, or a single-grid tokenizer (vq, fsq)")
+        if self.multiscale and not layout.multiscale:
+            raise ConfigError(f"order {name!r} predicts scale by scale and needs a multi-scale tokenizer (msvq); "
+                              f"this one has a single {layout.scales[0][0]}x{layout.scales[0][1]} grid")
+
+    def plan(self, layout) -> OrderPlan:
+        key = (tuple(layout.fused),)
+        if key not in self._plans:
+            self.check_layout(layout)
+            p = self.make_plan(layout)
             p.check()
-            self._plans[(h, w)] = p
-        return self._plans[(h, w)]
+            self._plans[key] = p
+        return self._plans[key]
+
+    def setup(self, layout, dim: int, quantizer: nn.Module | None = None) -> None:
+        """Create layout-dependent parameters (none for token orders)."""
+
+    def input_bias(self) -> Tensor | None:
+        """Optional (L, d) additive embedding per input slot (VAR's level + position embeddings)."""
+        return None
+
+    def rope_positions(self, layout, plan: OrderPlan) -> tuple[Tensor, Tensor]:
+        """(row, col) float (L,) of each input slot for the backbone's 2D RoPE (the cell of its input)."""
+        cells = plan.in_cells.clamp(min=0).to(layout.cell_row.device)
+        return layout.cell_row[cells].float(), layout.cell_col[cells].float()
+
+
+def single_grid(layout) -> tuple[int, int]:
+    """The fused (h, w) of a one-grid layout."""
+    return layout.fused[0]

@@ -22,7 +22,8 @@ class Raster(Order):
         super().__init__()
         self.cfg = cfg or Raster.Config()
 
-    def make_plan(self, h: int, w: int) -> OrderPlan:
-        L = h * w
-        src = torch.arange(-1, L - 1)  # input t is the token of slot t - 1
-        return OrderPlan(h=h, w=w, perm=torch.arange(L), src=src, step_sizes=[1] * L, mask=None)
+    def make_plan(self, layout) -> OrderPlan:
+        L = layout.num_cells
+        src = torch.arange(-1, L - 1)  # input j is the token of target slot j - 1
+        return OrderPlan(perm=torch.arange(L), step_sizes=[1] * L, in_cells=src.clone(), in_step=torch.arange(L),
+                         reads=torch.arange(L)[:, None], src=src)

@@ -277,7 +277,7 @@ class MultiScaleVQ(DeadCodeRestarts, Quantizer):
             h = F.interpolate(h, size=(hw, hw), mode="bicubic").contiguous()
         return self.phis[self.phi_indices[k]](h)
 
-    def _embed(self, k: int, idx: Tensor) -> Tensor:
+    def embed_scale(self, k: int, idx: Tensor) -> Tensor:
         """Scale k's indices, (B, p, p) or flattened (B, p·p) (VAR idx_Bl) → codes ``h_BCpp`` (B, C, p, p)."""
         p = self.patch_nums[k]
         if idx.ndim == 2 and idx.shape[1] == p * p:
@@ -319,7 +319,7 @@ class MultiScaleVQ(DeadCodeRestarts, Quantizer):
                 idx_N = self._nearest(z_NC)
                 queried.append(z_NC)
                 idx_Bpp = idx_N.view(b, p, p)
-                h_BChw = self._refine(k, self._embed(k, idx_Bpp))
+                h_BChw = self._refine(k, self.embed_scale(k, idx_Bpp))
                 f_hat = f_hat + h_BChw
                 f_rest = f_rest - h_BChw.detach()
                 indices.append(idx_Bpp)
@@ -379,7 +379,7 @@ class MultiScaleVQ(DeadCodeRestarts, Quantizer):
             hw = self.latent_size
             f_hat = torch.zeros(b, self.code_dim, hw, hw, device=device, dtype=torch.float32)
             for k, idx in enumerate(indices):
-                f_hat = f_hat + self._refine(k, self._embed(k, idx))
+                f_hat = f_hat + self._refine(k, self.embed_scale(k, idx))
         return f_hat
 
     def decode_indices(self, indices: list[Tensor]) -> Tensor:
@@ -402,7 +402,7 @@ class MultiScaleVQ(DeadCodeRestarts, Quantizer):
             f_hat = torch.zeros(b, c, hw, hw, device=device, dtype=torch.float32)
             rows: list[Tensor] = []
             for k in range(len(self.patch_nums) - 1):
-                f_hat = f_hat + self._refine(k, self._embed(k, indices[k]))
+                f_hat = f_hat + self._refine(k, self.embed_scale(k, indices[k]))
                 p_next = self.patch_nums[k + 1]
                 nxt = F.interpolate(f_hat, size=(p_next, p_next), mode="area")
                 rows.append(nxt.reshape(b, c, -1).transpose(1, 2))

@@ -95,9 +95,15 @@ class TokenShuffle(nn.Module):
         if self.s == 1:
             return e_bhwd
         self.check_grid(e_bhwd.shape[1], e_bhwd.shape[2])
-        c = self.compress(e_bhwd)  # (B, h, w, d/s²)
-        fused = rearrange(c, "b (h s1) (w s2) c -> b h w (s1 s2 c)", s1=self.s, s2=self.s)
-        return self.fuse(fused)
+        win = window_grid(e_bhwd, self.s)  # (B, h/s, w/s, s², d)
+        return self.shuffle_windows(win.flatten(1, 2)).unflatten(1, win.shape[1:3])
+
+    def shuffle_windows(self, e_bnkd: Tensor) -> Tensor:
+        """The s² token embeddings of n windows (B, n, s², d), row-major inside each window → fused (B, n, d)."""
+        if self.s == 1:
+            return e_bnkd[:, :, 0]
+        c = self.compress(e_bnkd)  # (B, n, s², d/s²)
+        return self.fuse(rearrange(c, "b n k c -> b n (k c)"))
 
     def unshuffle(self, h_bld: Tensor) -> Tensor:
         """Backbone states (B, L, d) → per-token states (B, L, s², d) for the shared head."""

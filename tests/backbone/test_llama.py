@@ -26,6 +26,16 @@ def test_presets_build_and_run(name):
         assert n == depth * (4 * d * d + 3 * d * ffn + 2 * d) + d  # LlamaGen GPT-B/L blocks, no biases
         assert (ffn, depth) == {"b": (2048, 12), "l": (2816, 24)}[name]
         return
+    if name == "var-d16":  # VAR-d16's shape: depth 16, width 64·16, 16 heads of 64, adaLN in every block
+        m = build("backbone", name)
+        d, depth = m.cfg.dim, m.cfg.depth
+        assert (d, depth, m.cfg.heads, m.head_dim, m.cfg.cond_mode, m.cfg.rope) == (1024, 16, 16, 64, "adaln", False)
+        ffn = find_multiple(int(8 * d / 3), 256)
+        per_block = 4 * d * d + 3 * d * ffn + 6 * d * d + 6 * d + 2 * m.head_dim  # attn, SwiGLU, adaLN, QK-norm
+        n = sum(p.numel() for p in m.parameters())
+        assert n == depth * per_block + 2 * d * d + 2 * d  # + the modulated final norm (VAR AdaLNBeforeHead)
+        assert abs(per_block / (18 * d * d) - 1) < 0.02  # VAR: ≈ 18 C² per block (notes §2.4)
+        return
     m = build("backbone", name)
     x = torch.randn(2, 9, m.dim)
     rows, cols = torch.arange(9) // 3, torch.arange(9) % 3

@@ -156,3 +156,43 @@ def test_non_finite_loss_stops_with_step_and_batch(chain, monkeypatch, tmp_path)
     body["run"]["dir"] = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match="non-finite generator loss nan at step 0 \\(batch 0, keys"):
         fit(load_experiment(write(tmp_path / "nan.yaml", body)))
+
+
+@pytest.mark.parametrize("kind", ["var", "nar", "text"])
+def test_baseline_experiments_train_reload_and_sample(chain, kind, tmp_path):
+    """VAR (msvq tokenizer, next-scale), NAR (neighbor) and the caption-conditioned model run the whole
+    path: chain, training with their own logs, checkpoint reload, ``arlab sample``."""
+    tmp, ckpt, tok_exp, _, _ = chain
+    body = generator_body(tmp, ckpt, tok_exp, f"{kind}", steps=6)
+    body["run"]["dir"] = str(tmp_path / kind)
+    if kind == "var":  # its own msvq tokenizer: the tiny autoencoder at f=4 gives the 8x8 latent of msvq-8x8
+        tok = tokenizer_body(tmp_path / "unused")
+        tok["tokenizer"] = {"preset": "shapes-msvq", "autoencoder": {"preset": "tiny", "ch_mult": [1, 2, 2]}}
+        tok["trainer"]["max_steps"] = tok["trainer"]["val_check_interval"] = 10
+        tok["trainer"]["checkpoint_every_n_steps"] = 10
+        body["task"]["tokenizer_ckpt"] = str(tmp_path / "msvq" / "checkpoints" / "last.ckpt")
+        body["task"]["tokenizer_experiment"] = str(write(tmp_path / "msvq.yaml", tok))
+        body["order"], body["shuffle"] = "next_scale", "s1"
+        body["task"]["sample_schedule"] = "var"
+    elif kind == "nar":
+        body["order"] = "neighbor"
+    else:
+        body["conditioner"] = "text"
+    metrics = fit(load_experiment(write(tmp_path / f"{kind}.yaml", body)))
+    steps = {"var": 6, "nar": 7, "text": 64}[kind]  # 6 scales; (16 + 16) / 2 - 1 anti-diagonals; 256 / 4
+    assert metrics["sample/steps_per_image"] == steps and 0 <= metrics["sample/class_acc"] <= 1
+    if kind == "var":
+        assert {"train/ce_scale0", "train/ce_scale5", "val/ce_scale5"} <= set(metrics)
+    last = tmp_path / kind / "checkpoints" / "last.ckpt"
+    module = load_generator(last)
+    prompts = ["a large red ring in the center"] if kind == "text" else None
+    s = sample_to_files(last, tmp_path / f"{kind}-samples", n=4, seed=1, prompts=prompts)
+    z = np.load(tmp_path / f"{kind}-samples" / "samples.npz")
+    assert z["images"].shape == (4, 32, 32, 3) and s["steps_per_image"] == steps and "class_acc" in s
+    if kind == "text":
+        assert z["labels"].tolist() == [6] * 4 and z["prompts"].tolist() == prompts * 4  # ring, read from the caption
+        with pytest.raises(ConfigError, match="--prompt needs a text-conditioned generator"):
+            sample_to_files(ckpt.parent.parent.parent / "gen" / "checkpoints" / "last.ckpt", tmp_path / "x", n=2,
+                            prompts=prompts)
+    else:
+        assert module.model.conditioner.registry_key == "conditioner/class"

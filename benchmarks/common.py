@@ -1,0 +1,34 @@
+"""Shared helpers of the benchmark scripts (run them as ``python benchmarks/<script>.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
+    """Mean seconds per call of ``fn`` after one warm-up call (CUDA synchronised)."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def train_step_fn(g: torch.nn.Module, codes: torch.Tensor, cond: torch.Tensor) -> Callable[[], None]:
+    """One generator training step (forward, backward, AdamW) on fixed inputs."""
+    opt = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        out = g(codes, cond)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step
