@@ -104,10 +104,13 @@ class TextConditioner(nn.Module):
         return self.encode([self._from_class(int(y), classes) for y in labels_b]).to(labels_b.device)
 
     def _from_class(self, label: int, classes: list[str] | None, key: str | None = None) -> str:
-        if not self.cfg.template or not classes or not 0 <= label < len(classes):
-            where = f" (sample {key})" if key else ""
+        where = f" (sample {key})" if key else ""
+        if not self.cfg.template:
             raise ValueError(f"a sample has no caption{where} and conditioner.template is empty: set "
                              "conditioner.template (e.g. 'a photo of a {}') to caption by class name")
+        if not classes or not 0 <= label < len(classes):
+            raise ValueError(f"a sample has no caption{where} and its label {label} has no class name "
+                             f"(classes: {classes}) to fill conditioner.template")
         return self.cfg.template.format(classes[label])
 
     # ------------------------------------------------------------------------------ conditioner interface

@@ -27,6 +27,9 @@ class Layout(nn.Module):
         self.scales = [(int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1])) for x in scales]
         if not self.scales or any(h < 1 or w < 1 for h, w in self.scales):
             raise ConfigError(f"a token layout needs at least one scale of positive size, got {scales}")
+        if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(self.scales, self.scales[1:])):
+            raise ConfigError(f"multi-scale token maps must grow strictly, coarse to fine; got {self.scales} "
+                              "(a single grid is one (h, w) pair)")
         self.s = int(s)
         bad = [f"{h}x{w}" for h, w in self.scales if h % s or w % s]
         if bad:

@@ -129,7 +129,12 @@ class Generator(nn.Module):
         return self.plan.steps
 
     def _condition(self, cond: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Condition tokens (B, P, d); the order's bias of input slot 0 goes on the last one (VAR's start
+        token: class embedding + its position and level embeddings)."""
         prefix, vec, valid = self.conditioner(cond)
+        bias = self.order.input_bias()
+        if bias is not None:
+            prefix = torch.cat([prefix[:, :-1], prefix[:, -1:] + bias[0].to(prefix.dtype)], dim=1)
         return prefix, (vec if self.adaln else None), valid
 
     def _rope(self, slots: Tensor | slice | None, prefix: int = 0) -> tuple[Tensor, Tensor]:
@@ -291,7 +296,8 @@ class Generator(nn.Module):
         return (codes, self._shape(self._slots_to_tokens(logits_out))) if return_logits else codes
 
     def _sample_recompute(self, cond, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator, return_logits):
-        """Reference sampler: no cache, the full teacher-forced forward at every step (for tests/benchmarks)."""
+        """Reference sampler: no cache, the full teacher-forced forward at every step (for tests/benchmarks;
+        call it in eval mode, as :meth:`sample`, or dropout stays on)."""
         plan, dev, lay = self.plan, cond.device, self.layout
         b = cond.shape[0]
         guided = is_guided(cfg_schedule, cfg_scale)

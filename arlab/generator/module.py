@@ -73,7 +73,7 @@ class GeneratorModule(pl.LightningModule):
         sample_every_n_steps: int = 500  # sample grid to TensorBoard; 0 = never
         n_sample_images: int = 20
         sample_cfg: float = 2.0  # CFG scale of logged / evaluated samples
-        sample_schedule: str = "half-linear"  # constant, linear, half-linear, cosine
+        sample_schedule: str = "half-linear"  # constant, linear, half-linear, cosine, var (VAR: 1 + w·k/(S-1))
         sample_temperature: float = 1.0
         sample_top_k: int = 0
         eval_samples: int = 200  # drawn at the end (balanced classes); scored on shapes; 0 = skip
@@ -163,14 +163,16 @@ class GeneratorModule(pl.LightningModule):
 
             tok = load_tokenizer(self.meta["tokenizer_ckpt"], map_location="cpu").to(self.device)
             object.__setattr__(self, "_tokenizer", tok)
-        if next(self._tokenizer.parameters()).device != self.device:
-            self._tokenizer.to(self.device)
-        return self._tokenizer
+        return self._tokenizer.to(self.device)  # (no-op when already there; a bound msvq moves with the model)
 
     def configure_optimizers(self):
         c = self.cfg
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]  # (a bound msvq is frozen)
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
+        # decay on >= 2-D weights (LlamaGen) except an order's position / level embeddings (VAR exempts them);
+        # a bound msvq is frozen
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        exempt = [p.ndim < 2 or n.startswith("order.") and ("pos" in n or "lvl" in n) for n, p in named]
+        decay = [p for (_, p), e in zip(named, exempt) if not e]
+        no_decay = [p for (_, p), e in zip(named, exempt) if e]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=tuple(c.betas))
         total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
@@ -309,7 +311,8 @@ class GeneratorModule(pl.LightningModule):
     def final_metrics(self) -> dict[str, float]:
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # a bound msvq is not counted
         return {**self.last_val, **self.final, "model/params": float(n),
-                "model/backbone_params": float(sum(p.numel() for p in self.model.backbone.parameters()))}
+                "model/backbone_params": float(sum(p.numel() for m in (self.model.backbone, self.model.branch)
+                                                   if m is not None for p in m.parameters()))}
 
     def save_artifacts(self, run: Path) -> list[Path]:
         """``samples.png``: one column per class (rows: different seeds)."""
@@ -345,6 +348,12 @@ def load_generator(path: str | Path, map_location: str = "cpu") -> GeneratorModu
         raise ConfigError(f"'{path}' is not a generator checkpoint (its task is {task!r}); 'arlab sample' needs the "
                           "checkpoint of a 'task: generator' run (runs/<experiment>/checkpoints/last.ckpt)")
     module = GeneratorModule(None, experiment=hp["experiment"], meta=hp["meta"])
+    own = module.state_dict()
+    changed = [k for k in ckpt["state_dict"] if k.startswith("model.order.quant.") and k in own
+               and not torch.equal(own[k], ckpt["state_dict"][k].to(own[k].dtype))]
+    if changed:
+        raise ConfigError(f"the tokenizer '{hp['meta']['tokenizer_ckpt']}' is not the one '{path}' was trained with: "
+                          f"its quantizer differs ({changed[0]}, ...); restore that tokenizer checkpoint")
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 

@@ -111,6 +111,12 @@ class NextScale(Order):
         first = self._layout.scale_tokens()[0]
         return torch.cat([x.new_zeros(x.shape[0], first, x.shape[2]), x], dim=1)
 
+    def train(self, mode: bool = True) -> NextScale:
+        super().train(mode)
+        if self.quant is not None:
+            self.quant.eval()  # the tokenizer's quantizer stays frozen (no dead-code restarts)
+        return self
+
     def start_sampling(self) -> dict:
         return {"f_hat": None}
 

@@ -199,6 +199,8 @@ def test_next_scale_inputs_are_the_tokenizers_teacher_forcing_inputs():
     g(codes, conditions(g, 2))
     want = order.word_embed(tf) + order.input_bias()[1:]
     assert torch.allclose(seen["seq"][:, g.prefix_len:], want, atol=1e-6)
+    start = g.conditioner.embedding(conditions(g, 2)) + order.input_bias()[0]  # VAR's start token
+    assert torch.allclose(seen["seq"][:, g.prefix_len - 1], start, atol=1e-6)
     assert torch.equal(order.tf_features(codes), tf)
 
 

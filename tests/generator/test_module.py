@@ -179,7 +179,7 @@ def test_baseline_experiments_train_reload_and_sample(chain, kind, tmp_path):
     else:
         body["conditioner"] = "text"
     metrics = fit(load_experiment(write(tmp_path / f"{kind}.yaml", body)))
-    steps = {"var": 6, "nar": 7, "text": 64}[kind]  # 6 scales; (16 + 16) / 2 - 1 anti-diagonals; 256 / 4
+    steps = {"var": 6, "nar": 15, "text": 64}[kind]  # 6 scales; 8 + 8 - 1 anti-diagonals of 2x2 windows; 256 / 4
     assert metrics["sample/steps_per_image"] == steps and 0 <= metrics["sample/class_acc"] <= 1
     if kind == "var":
         assert {"train/ce_scale0", "train/ce_scale5", "val/ce_scale5"} <= set(metrics)
@@ -196,3 +196,11 @@ def test_baseline_experiments_train_reload_and_sample(chain, kind, tmp_path):
                             prompts=prompts)
     else:
         assert module.model.conditioner.registry_key == "conditioner/class"
+    if kind == "var":  # the bound msvq is checked against the tokenizer on reload
+        import torch
+
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        ck["state_dict"]["model.order.quant.embedding.weight"] += 1.0
+        torch.save(ck, tmp_path / "other.ckpt")
+        with pytest.raises(ConfigError, match="is not the one .* was trained with: its quantizer differs"):
+            load_generator(tmp_path / "other.ckpt")
