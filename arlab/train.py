@@ -125,3 +125,19 @@ def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str
             torch.distributed.destroy_process_group()
     log.info("run directory: %s", run)
     return metrics
+
+
+def read_task_checkpoint(path: str | Path, task: str, map_location: str = "cpu") -> tuple[dict, dict[str, Any]]:
+    """Load a Lightning checkpoint written by ``arlab train`` for a ``task: <task>`` experiment: returns
+    (checkpoint, its hyper-parameters); a :class:`ConfigError` naming the file when it is missing or of
+    another task."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{task} checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    found = (hp.get("experiment") or {}).get("task", {}).get("type")
+    if found != task:
+        raise ConfigError(f"'{path}' is not a {task} checkpoint (its task is {found!r}); give the checkpoint of a "
+                          f"'task: {task}' run (runs/<experiment>/checkpoints/last.ckpt)")
+    return ckpt, hp

@@ -92,27 +92,24 @@ class Generator(nn.Module):
         self.register_buffer("reads", plan.reads.clamp(min=0), persistent=False)
         w = (plan.reads >= 0).float()
         self.register_buffer("read_w", w / w.sum(1, keepdim=True), persistent=False)  # (L, H) mean weights
-        self._reads_identity = plan.heads == 1 and torch.equal(plan.reads[:, 0], torch.arange(L))
-        in_order = torch.argsort(plan.in_step, stable=True)  # input slots grouped by the step that feeds them
-        counts = torch.bincount(plan.in_step, minlength=plan.steps).tolist()
-        self._in_bounds = [(sum(counts[:k]), sum(counts[:k + 1])) for k in range(plan.steps)]
+        fed = plan.input_slots()  # the input slots each decoding step feeds
+        ends = torch.tensor([len(f) for f in fed]).cumsum(0).tolist()
+        self._in_bounds = list(zip([0, *ends[:-1]], ends))
         local = torch.empty(L, dtype=torch.long)  # position of input slot j among its step's inputs
-        for a, b in self._in_bounds:
-            local[in_order[a:b]] = torch.arange(b - a)
-        self.register_buffer("in_order", in_order, persistent=False)
+        for f in fed:
+            local[f] = torch.arange(len(f))
+        self.register_buffer("in_order", torch.cat(fed), persistent=False)
         self.register_buffer("in_local", local, persistent=False)
-        # steps whose inputs are exactly their targets' own slots (raster, next-scale): logits need no gather
-        self._fed_is_target = [torch.equal(in_order[a:b], torch.arange(sl.start, sl.stop))
-                               for (a, b), sl in zip(self._in_bounds, plan.step_slices())]
+        # where head 0 alone reads each target from its own input slot (raster, next-scale), logits need no gather
+        identity = plan.heads == 1 and torch.equal(plan.reads[:, 0], torch.arange(L))
+        self._direct_train = identity
+        self._direct = [identity and torch.equal(f, torch.arange(sl.start, sl.stop))
+                        for f, sl in zip(fed, plan.step_slices())]
         rows, cols = order.rope_positions(self.layout, plan)
         self.register_buffer("rope_rows", rows.float(), persistent=False)
         self.register_buffer("rope_cols", cols.float(), persistent=False)
-        self.register_buffer("train_mask", plan.full_mask(p), persistent=False)  # (T, T)
-        vis = torch.zeros(L, p + L - 1, dtype=torch.bool)  # input j's visible cache positions
-        vis[:, :p] = True
-        inner = plan.mask if plan.mask is not None else torch.ones(L, L, dtype=torch.bool).tril()
-        vis[:, p - 1:] |= inner
-        self.register_buffer("vis", vis, persistent=False)
+        # (T, T) mask of the training sequence; its row P - 1 + j is what input j sees in the KV cache
+        self.register_buffer("train_mask", plan.full_mask(p), persistent=False)
         self._causal = plan.causal
 
     # ------------------------------------------------------------------------------ plan helpers
@@ -128,11 +125,10 @@ class Generator(nn.Module):
     def steps_per_image(self) -> int:
         return self.plan.steps
 
-    def _condition(self, cond: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Condition tokens (B, P, d); the order's bias of input slot 0 goes on the last one (VAR's start
+    def _condition(self, cond: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Condition tokens (B, P, d); the order's ``bias`` of input slot 0 goes on the last one (VAR's start
         token: class embedding + its position and level embeddings)."""
         prefix, vec, valid = self.conditioner(cond)
-        bias = self.order.input_bias()
         if bias is not None:
             prefix = torch.cat([prefix[:, :-1], prefix[:, -1:] + bias[0].to(prefix.dtype)], dim=1)
         return prefix, (vec if self.adaln else None), valid
@@ -177,8 +173,7 @@ class Generator(nn.Module):
         in order (training); else only the inputs that decoding step fed."""
         heads = [self.head] if self.head2 is None else [self.head, self.head2]
         per_head = [head(self.shuffle.unshuffle(h)).float() for head, h in zip(heads, hids)]
-        if self._reads_identity and (step is None and targets == slice(0, self.plan.length)
-                                     or step is not None and self._fed_is_target[step]):
+        if self._direct_train if step is None else self._direct[step]:
             return per_head[0]
         out = 0.0
         for k, lg in enumerate(per_head):
@@ -200,11 +195,11 @@ class Generator(nn.Module):
         """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`."""
         codes_bn = self.layout.flat(codes).long()
         p = self.prefix_len
-        prefix, vec, valid = self._condition(cond)
+        bias = self.order.input_bias()
+        prefix, vec, valid = self._condition(cond, bias)
         x = self.order.token_inputs(codes_bn) if self.order.continuous else self.tok_embedding(codes_bn)
         cells = self.shuffle.shuffle_windows(self.layout.windows(x))  # (B, C, d)
         inp = cells[:, self.in_cells[1:]]
-        bias = self.order.input_bias()
         if bias is not None:
             inp = inp + bias[1:]
         seq = self.token_drop(torch.cat([prefix.to(inp.dtype), inp], dim=1))  # (B, P + L - 1, d)
@@ -238,7 +233,8 @@ class Generator(nn.Module):
         b, k = cond.shape[0], lay.tokens_per_cell
         guided = is_guided(cfg_schedule, cfg_scale)
         conds = torch.cat([cond, self.conditioner.null_like(cond)]) if guided else cond
-        prefix, vec, valid = self._condition(conds)
+        bias = self.order.input_bias()
+        prefix, vec, valid = self._condition(conds, bias)
         nb, total = prefix.shape[0], p + plan.length - 1
         dtype = next(self.backbone.parameters()).dtype
         if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
@@ -246,11 +242,9 @@ class Generator(nn.Module):
         for m in (self.backbone, self.branch):
             if m is not None:
                 m.setup_cache(nb, total, dtype, dev)
-        cells_bck = torch.zeros(b, lay.num_cells, k, dtype=torch.long, device=dev)
         codes_bn = torch.zeros(b, lay.num_tokens, dtype=torch.long, device=dev)
         logits_out = torch.zeros(b, plan.length, k, self.vocab_size, device=dev) if return_logits else None
         cos_all, sin_all = self._rope(None)  # every input slot, once, on device
-        bias = self.order.input_bias()
         state = self.order.start_sampling() if self.order.continuous else None
         try:
             for step, ((a, b_), tsl) in enumerate(zip(self._in_bounds, plan.step_slices())):
@@ -263,14 +257,14 @@ class Generator(nn.Module):
                                               torch.ones(p, dtype=torch.bool, device=dev))
                 else:
                     pos = p - 1 + isl
-                    mask = self.vis[isl]
+                    mask = self.train_mask[pos]
                     if self.order.continuous:
                         x_tok, off = self.order.step_inputs(state, step, codes_bn)  # (B, n_tok, d)
                         buf = x_tok.new_zeros(b, lay.num_tokens, x_tok.shape[-1])
                         buf[:, off:off + x_tok.shape[1]] = x_tok
                         x = self.shuffle.shuffle_windows(buf[:, lay.win_index[self.in_cells[isl]]])
                     else:
-                        x = self.embed_windows(cells_bck[:, self.in_cells[isl]])
+                        x = self.embed_windows(codes_bn[:, lay.win_index[self.in_cells[isl]]])
                     if bias is not None:
                         x = x + bias[isl]
                     x = torch.cat([x, x]) if guided else x
@@ -283,9 +277,7 @@ class Generator(nn.Module):
                     lc, lu = logits.chunk(2)
                     logits = lu + cfg_weight(cfg_schedule, cfg_scale, step, plan.steps) * (lc - lu)
                 tok = draw(logits, temperature, top_k, top_p, generator)  # (B, n_t, s²)
-                cells = self.perm[tsl]
-                cells_bck[:, cells] = tok
-                codes_bn[:, lay.win_index[cells].flatten()] = tok.flatten(1)
+                codes_bn[:, lay.win_index[self.perm[tsl]].flatten()] = tok.flatten(1)
                 if logits_out is not None:
                     logits_out[:, tsl] = logits
         finally:

@@ -338,15 +338,9 @@ def _grid(images: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
 
 def load_generator(path: str | Path, map_location: str = "cpu") -> GeneratorModule:
     """A trained ``task/generator`` module from its checkpoint (eval mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"generator checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters") or {}
-    task = (hp.get("experiment") or {}).get("task", {}).get("type")
-    if task != "generator":
-        raise ConfigError(f"'{path}' is not a generator checkpoint (its task is {task!r}); 'arlab sample' needs the "
-                          "checkpoint of a 'task: generator' run (runs/<experiment>/checkpoints/last.ckpt)")
+    from arlab.train import read_task_checkpoint
+
+    ckpt, hp = read_task_checkpoint(path, "generator", map_location)
     module = GeneratorModule(None, experiment=hp["experiment"], meta=hp["meta"])
     own = module.state_dict()
     changed = [k for k in ckpt["state_dict"] if k.startswith("model.order.quant.") and k in own
@@ -368,6 +362,7 @@ def sample_to_files(ckpt: str | Path, out: str | Path, n: int = 100, batch_size:
     module = load_generator(ckpt).to(device)
     c = module.cfg
     k = module.meta["num_classes"]
+    explicit = bool(classes)
     classes = list(range(k)) if not classes else classes
     bad = [i for i in classes if not 0 <= i < k]
     if bad:
@@ -388,6 +383,12 @@ def sample_to_files(ckpt: str | Path, out: str | Path, n: int = 100, batch_size:
             else:
                 labels = torch.full((n,), -1)
             cond = cmod.encode(prompt_list)
+        elif explicit:  # the classes through the conditioner's caption template
+            if not cmod.cfg.template:
+                raise ConfigError(f"'{ckpt}' is conditioned on captions and its conditioner has no class template; "
+                                  "give --prompt instead of --classes")
+            cond = cmod.from_labels(labels, module.meta["classes"])
+            prompt_list = cmod.decode(cond)
         else:
             cond, labels, prompt_list = module.eval_conditions(n)
     elif prompts:

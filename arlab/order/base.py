@@ -163,8 +163,3 @@ class Order(nn.Module):
         """(row, col) float (L,) of each input slot for the backbone's 2D RoPE (the cell of its input)."""
         cells = plan.in_cells.clamp(min=0).to(layout.cell_row.device)
         return layout.cell_row[cells].float(), layout.cell_col[cells].float()
-
-
-def single_grid(layout) -> tuple[int, int]:
-    """The fused (h, w) of a one-grid layout."""
-    return layout.fused[0]

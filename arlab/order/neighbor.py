@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from arlab.errors import ConfigError
-from arlab.order.base import Order, OrderPlan, single_grid
+from arlab.order.base import Order, OrderPlan
 from arlab.registry import register
 
 
@@ -50,7 +50,7 @@ class Neighbor(Order):
         self.extra_layers = self.cfg.extra_layers
 
     def make_plan(self, layout) -> OrderPlan:
-        h, w = single_grid(layout)
+        h, w = layout.fused[0]  # one grid (check_layout)
         L = h * w
         r, c = torch.arange(L) // w, torch.arange(L) % w
         dist = r + c

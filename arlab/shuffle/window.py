@@ -81,10 +81,6 @@ class TokenShuffle(nn.Module):
         self.unfuse = nn.Sequential(*[ResidualMLP(dim, cfg.mlp_ratio) for _ in range(cfg.blocks)])
         self.expand = nn.Linear(dim // s2, dim)
 
-    @property
-    def tokens_per_slot(self) -> int:
-        return self.s * self.s
-
     def check_grid(self, h: int, w: int, where: str = "token grid") -> None:
         if h % self.s or w % self.s:
             raise ConfigError(f"{where} {h}x{w} is not divisible by the Token-Shuffle window s={self.s}; "

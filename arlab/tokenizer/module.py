@@ -277,17 +277,10 @@ def warmup_cosine(warmup: int, total: int, schedule: str, floor: float):
 
 def load_tokenizer(path: str | Path, map_location: str = "cpu") -> VQGANTokenizer:
     """The frozen tokenizer of a ``task/tokenizer`` checkpoint (eval mode, no gradients)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tokenizer checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    exp = (ckpt.get("hyper_parameters") or {}).get("experiment")
-    task = (exp or {}).get("task", {}).get("type")
-    if task != "tokenizer":
-        raise ConfigError(
-            f"'{path}' is not a tokenizer checkpoint (its task is {task!r}); give the checkpoint of a "
-            f"'task: tokenizer' run (runs/<experiment>/<time>/checkpoints/last.ckpt)"
-        )
+    from arlab.train import read_task_checkpoint
+
+    ckpt, hp = read_task_checkpoint(path, "tokenizer", map_location)
+    exp = hp["experiment"]
     tok: VQGANTokenizer = build("tokenizer", exp["tokenizer"])
     state = {k.removeprefix("tokenizer."): v for k, v in ckpt["state_dict"].items() if k.startswith("tokenizer.")}
     tok.load_state_dict(state)

@@ -191,6 +191,8 @@ def test_baseline_experiments_train_reload_and_sample(chain, kind, tmp_path):
     assert z["images"].shape == (4, 32, 32, 3) and s["steps_per_image"] == steps and "class_acc" in s
     if kind == "text":
         assert z["labels"].tolist() == [6] * 4 and z["prompts"].tolist() == prompts * 4  # ring, read from the caption
+        with pytest.raises(ConfigError, match="no class template; give --prompt instead of --classes"):
+            sample_to_files(last, tmp_path / "y", n=2, classes=[1])
         with pytest.raises(ConfigError, match="--prompt needs a text-conditioned generator"):
             sample_to_files(ckpt.parent.parent.parent / "gen" / "checkpoints" / "last.ckpt", tmp_path / "x", n=2,
                             prompts=prompts)
