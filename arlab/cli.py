@@ -1,7 +1,11 @@
 """The ``arlab`` command line.
 
 User errors (bad config keys, unknown names, unusable data) print one clear message and exit with
-code 2, without a traceback; ``ARLAB_DEBUG=1`` shows the traceback too.
+code 2, without a traceback; ``ARLAB_DEBUG=1`` shows the traceback too. ``--plugin FILE_OR_MODULE``
+(repeatable; or ``ARLAB_PLUGINS``) loads components from outside arlab before the command runs.
+
+Commands import their modules when they run (not at start-up), so ``arlab --help`` and ``arlab list``
+stay fast without loading Lightning.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def _shard_folder(ref: str) -> str:
     from arlab.config import presets
 
     if ref in presets("data"):
-        from arlab.registry import build
+        from arlab.config import build
 
         dm = build("data", ref)
         dm.prepare_data()
@@ -156,7 +160,7 @@ def _shard_folder(ref: str) -> str:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from arlab.tokenizer.tokenize import tokenize_shards
+    from arlab.data.tokenize import tokenize_shards
 
     splits = [s for s in args.splits.split(",") if s] or None
     shards = _shard_folder(args.shards)
@@ -172,7 +176,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from arlab.generator.module import sample_to_files
+    from arlab.generator.sample import sample_to_files
 
     classes = [int(c) for c in args.classes.split(",") if c.strip()] if args.classes else None
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples")
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="run 'arlab COMMAND --help' for a command's options and examples",
     )
     parser.add_argument("--version", action="version", version=f"arlab {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="load components (and presets beside them) from a .py file, a folder of them or a "
+                             "module; repeatable; also ARLAB_PLUGINS")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = _add(sub, "list", cmd_list, "list component kinds, components (parameters, defaults) and presets")
@@ -335,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.plugin:
+            from arlab import registry
+
+            registry.add_plugins(args.plugin, "--plugin")
         return int(args.func(args) or 0)
     except ArlabError as e:
         if os.environ.get("ARLAB_DEBUG"):

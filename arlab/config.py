@@ -1,7 +1,7 @@
-"""Experiments: YAML presets composed, overridden and validated before any work starts.
+"""Experiments: composed (:mod:`arlab.compose`), resolved and validated before any work starts; components
+built from validated nodes.
 
-An experiment file (``experiments/<group>/<name>.yaml``) has one **slot** per component kind and a
-few plain **sections**::
+An experiment file has one **slot** per component kind and a few plain **sections**::
 
     base: [../_base/shapes.yaml]      # optional: files merged first, left to right
     description: quick tokenizer on shapes
@@ -11,24 +11,17 @@ few plain **sections**::
     trainer: {max_steps: 2000}
     run: {seed: 0}
 
-Later layers win: the ``base`` files, then the experiment, then command-line dotlists
-(``backbone.depth=8 data=cifar10``). A slot given a name, or a mapping with ``preset:`` or
-``type:``, is *replaced* by that preset (so no keys of the old component linger); a mapping
-without them edits the current node key by key. Each leaf remembers the file that set it, so
-every error names the bad key, its file, the valid choices and the closest match.
-
-The result (:class:`Experiment`) is fully explicit: every slot is ``{type: name, **all params}``
-with defaults filled in and ``${...}`` interpolations resolved, so ``config.yaml`` in a run
-directory reproduces the run on its own.
+The result (:class:`Experiment`) is fully explicit: every slot is ``{type: name, **all params}`` with
+defaults filled in and ``${...}`` interpolations resolved, so ``config.yaml`` in a run directory
+reproduces the run on its own. :func:`build` makes one component from any node form (preset name,
+``{preset: ..}``, ``{type: ..}``, a validated Config); it is the one build path, used by experiments
+and by components that hold others (a tokenizer its quantizer, a generator its backbone).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
-import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -41,13 +34,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arlab import registry
+from arlab.compose import (
+    CMDLINE,
+    META_KEYS,
+    Composer,
+    Path_t,
+    display,
+    find_experiment,
+    load_with_bases,
+    parse_overrides,
+    search_roots,
+)
 from arlab.errors import ConfigError, did_you_mean, format_choices
-
-CMDLINE = "command line"
-META_KEYS = ("name", "description", "base")
-
-Path_t = tuple[str, ...]
-
 
 # ----------------------------------------------------------------------------- sections
 
@@ -102,314 +100,6 @@ class TrainerConfig:
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "trainer": TrainerConfig}
-
-
-def register_section(name: str, schema: type) -> None:
-    """Declare a plain (non-component) top-level section validated by the dataclass ``schema``."""
-    SECTIONS[name] = schema
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def search_roots() -> list[Path]:
-    """Folders holding ``registry/`` and ``experiments/``: $ARLAB_HOME entries, cwd, the repo."""
-    roots = [Path(p) for p in os.environ.get("ARLAB_HOME", "").split(os.pathsep) if p]
-    roots += [Path.cwd(), Path(__file__).resolve().parent.parent]
-    out: list[Path] = []
-    for r in roots:
-        r = r.resolve()
-        if r not in out and ((r / "registry").is_dir() or (r / "experiments").is_dir()):
-            out.append(r)
-    return out
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        for root in search_roots():
-            try:
-                return str(path.resolve().relative_to(root))
-            except ValueError:
-                continue
-        return str(path)
-
-
-def presets(kind: str) -> dict[str, Path]:
-    """Preset name → file, over ``registry/<kind>/*.yaml`` of every search root (first wins)."""
-    out: dict[str, Path] = {}
-    for root in search_roots():
-        d = root / "registry" / kind
-        if d.is_dir():
-            for f in sorted(d.glob("*.yaml")):
-                out.setdefault(f.stem, f)
-    return out
-
-
-def experiments() -> dict[str, Path]:
-    """Experiment name (``group/name``) → file, over every search root."""
-    out: dict[str, Path] = {}
-    for root in search_roots():
-        d = root / "experiments"
-        if d.is_dir():
-            for f in sorted(d.rglob("*.yaml")):
-                rel = f.relative_to(d).with_suffix("").as_posix()
-                if not any(part.startswith("_") for part in rel.split("/")):
-                    out.setdefault(rel, f)
-    return out
-
-
-def find_experiment(ref: str | os.PathLike) -> Path:
-    """An experiment by file path or by name (``shapes/quickstart``)."""
-    p = Path(ref)
-    for cand in (p, p.with_suffix(".yaml") if p.suffix != ".yaml" else p):
-        if cand.is_file():
-            return cand
-    known = experiments()
-    name = str(ref).removesuffix(".yaml").removeprefix("experiments/")
-    if name in known:
-        return known[name]
-    raise ConfigError(
-        f"experiment '{ref}' not found (neither a file nor a name under experiments/)."
-        f"{did_you_mean(name, known)} Known experiments: {format_choices(known)}"
-    )
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file as a plain dict, ``${...}`` interpolations kept as strings."""
-    try:
-        cfg = OmegaConf.load(path)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{_display(path)} is not valid YAML: {e}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{_display(path)}: {e}") from None
-    data = OmegaConf.to_container(cfg, resolve=False)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{_display(path)} must hold a mapping, not a {type(data).__name__}")
-    return data
-
-
-# ----------------------------------------------------------------------------- composition
-
-
-def _is_replacement(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, Mapping) and ("preset" in value or "type" in value))
-
-
-class _Composer:
-    """Merges layers into one tree, expanding component nodes and recording provenance."""
-
-    def __init__(self) -> None:
-        self.tree: dict[str, Any] = {}
-        self.prov: dict[Path_t, str] = {}
-        self.slot_kind: dict[Path_t, str] = {}  # path of every component node → its kind
-        self._preset_stack: list[str] = []
-
-    # provenance ----------------------------------------------------------------
-    def _forget(self, path: Path_t) -> None:
-        n = len(path)
-        for p in [p for p in self.prov if p[:n] == path]:
-            del self.prov[p]
-        for p in [p for p in self.slot_kind if p[:n] == path and p != path]:
-            del self.slot_kind[p]
-
-    def _mark(self, path: Path_t, value: Any, source: str) -> None:
-        self.prov[path] = source
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                self._mark(path + (str(k),), v, source)
-
-    def where(self, path: Path_t) -> str:
-        """The file that set ``path`` (or its closest ancestor)."""
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.prov:
-                return self.prov[path[:n]]
-        return "defaults"
-
-    # component nodes ------------------------------------------------------------
-    def expand(self, kind: str, value: Any, source: str, path: Path_t) -> dict[str, Any]:
-        """A node (name, or mapping with preset/type) → ``{"type": ..., **explicit params}``."""
-        dotted = ".".join(path)
-        if isinstance(value, str):
-            value = {"preset": value}
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"{dotted}: expected a {kind} preset/component name or a mapping, got "
-                f"{type(value).__name__} {value!r} ({source})"
-            )
-        value = dict(value)
-        self._forget(path)
-        self.slot_kind[path] = kind
-        if "preset" in value:
-            name = str(value.pop("preset"))
-            known = presets(kind)
-            if name in known:
-                if name in self._preset_stack:
-                    raise ConfigError(f"{dotted}: preset cycle {' -> '.join(self._preset_stack + [name])}")
-                self._preset_stack.append(name)
-                try:
-                    node = self.expand(kind, self._preset_body(kind, known[name]), _display(known[name]),
-                                       path)
-                finally:
-                    self._preset_stack.pop()
-            elif name in registry.names(kind):
-                node = {"type": name}
-                self.prov[path + ("type",)] = source
-            else:
-                choices = set(known) | set(registry.names(kind))
-                raise ConfigError(
-                    f"{dotted}: unknown {kind} '{name}' ({source}).{did_you_mean(name, choices)} "
-                    f"Valid {kind} presets: {format_choices(known)}; "
-                    f"components: {format_choices(registry.names(kind))}"
-                )
-        elif "type" in value:
-            name = str(value.pop("type"))
-            registry.get(kind, name, where=f"{dotted}.type, {source}")
-            node = {"type": name}
-            self.prov[path + ("type",)] = source
-        else:
-            raise ConfigError(
-                f"{dotted}: a {kind} node needs 'preset:' or 'type:' ({source}); got keys "
-                f"{format_choices(value)}"
-            )
-        self._merge_node(node, value, source, path)
-        return node
-
-    def _preset_body(self, kind: str, path: Path) -> dict[str, Any]:
-        body = load_yaml(path)
-        if "preset" not in body and "type" not in body:
-            raise ConfigError(f"{_display(path)}: a {kind} preset needs 'type:' (or 'preset:' to extend one)")
-        return body
-
-    def _slot_fields(self, node: Mapping[str, Any], kind: str) -> dict[str, str]:
-        entry = registry.get(kind, node["type"])
-        return {f.name: f.metadata["arlab_slot"] for f in dataclasses.fields(entry.config)
-                if "arlab_slot" in f.metadata}
-
-    def _merge_node(self, node: dict[str, Any], value: Mapping[str, Any], source: str, path: Path_t) -> None:
-        """Merge overrides into an expanded component node of known type."""
-        kind = self.slot_kind[path]
-        slots = self._slot_fields(node, kind)
-        for k, v in value.items():
-            k = str(k)
-            p = path + (k,)
-            if k in ("type", "preset"):
-                raise ConfigError(f"{'.'.join(p)}: '{k}' must come with the node, not as an override")
-            if k in slots:
-                if v is None or _is_replacement(v):
-                    node[k] = None if v is None else self.expand(slots[k], v, source, p)
-                    if v is None:
-                        self._forget(p)
-                        self.prov[p] = source
-                elif isinstance(v, Mapping):
-                    if not isinstance(node.get(k), dict):
-                        node[k] = self._default_slot(node, kind, k, p)
-                    self._merge_node(node[k], v, source, p)
-                else:
-                    raise ConfigError(
-                        f"{'.'.join(p)}: expected a {slots[k]} name or mapping, got {v!r} ({source})"
-                    )
-            else:
-                self._set(node, k, v, source, p)
-
-    def _default_slot(self, node: Mapping[str, Any], kind: str, key: str, path: Path_t) -> dict[str, Any]:
-        entry = registry.get(kind, node["type"])
-        default = next(p.default for p in registry.params(entry) if p.name == key)
-        if default is None or default is dataclasses.MISSING:
-            slot_kind = self._slot_fields(node, kind)[key]
-            raise ConfigError(f"{'.'.join(path)}: has no default {slot_kind}; give it a preset or type first")
-        return self.expand(self._slot_fields(node, kind)[key], default, f"default of {entry.key}", path)
-
-    def _set(self, dst: dict[str, Any], key: str, value: Any, source: str, path: Path_t) -> None:
-        if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
-            for k, v in value.items():
-                self._set(dst[key], str(k), v, source, path + (str(k),))
-        else:
-            self._forget(path)
-            dst[key] = copy.deepcopy(value)
-            self._mark(path, value, source)
-
-    # layers -------------------------------------------------------------------------
-    def apply(self, layer: Mapping[str, Any], source: str) -> None:
-        kinds = set(registry.kinds())
-        valid = set(SECTIONS) | kinds | set(META_KEYS)
-        for k, v in layer.items():
-            k = str(k)
-            p = (k,)
-            if k == "base":
-                continue
-            if k in kinds:
-                if v is None:
-                    self.tree.pop(k, None)
-                    self._forget(p)
-                    self.slot_kind.pop(p, None)
-                elif _is_replacement(v):
-                    self.tree[k] = self.expand(k, v, source, p)
-                elif isinstance(v, Mapping):
-                    if k not in self.tree:
-                        raise ConfigError(
-                            f"{k}: overrides {format_choices(v)} given ({source}) but no {k} was chosen; "
-                            f"give 'preset:' or 'type:' (presets: {format_choices(presets(k))})"
-                        )
-                    self._merge_node(self.tree[k], v, source, p)
-                else:
-                    raise ConfigError(f"{k}: expected a {k} name or mapping, got {v!r} ({source})")
-            elif k in SECTIONS:
-                if not isinstance(v, Mapping):
-                    raise ConfigError(f"{k}: expected a mapping, got {v!r} ({source})")
-                self.tree.setdefault(k, {})
-                for kk, vv in v.items():
-                    self._set(self.tree[k], str(kk), vv, source, p + (str(kk),))
-            elif k in META_KEYS:
-                self._set(self.tree, k, v, source, p)
-            else:
-                raise ConfigError(
-                    f"unknown top-level key '{k}' ({source}).{did_you_mean(k, valid)} "
-                    f"Valid keys: {format_choices(valid)}"
-                )
-
-
-def _load_with_bases(path: Path, composer: _Composer, stack: tuple[Path, ...] = ()) -> None:
-    path = path.resolve()
-    if path in stack:
-        raise ConfigError(f"base cycle: {' -> '.join(_display(p) for p in stack + (path,))}")
-    layer = load_yaml(path)
-    bases = layer.get("base", [])
-    if isinstance(bases, str):
-        bases = [bases]
-    for b in bases:
-        bp = (path.parent / b)
-        if not bp.is_file():
-            raise ConfigError(f"{_display(path)}: base file '{b}' not found (looked at {_display(bp)})")
-        _load_with_bases(bp, composer, stack + (path,))
-    composer.apply(layer, _display(path))
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "data=cifar10"]`` → nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. trainer.max_steps=100)")
-        try:
-            part = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
-        except Exception as e:  # OmegaConf raises several grammar errors
-            raise ConfigError(f"override '{item}' could not be parsed: {e}") from None
-        out = _deep_merge(out, part)
-    return out
-
-
-def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and not _is_replacement(v):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- validation
@@ -555,7 +245,7 @@ def _annotated_yaml(tree: Mapping[str, Any], prov: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fill_defaults(composer: _Composer, node: dict[str, Any], kind: str, path: Path_t) -> None:
+def _fill_defaults(composer: Composer, node: dict[str, Any], kind: str, path: Path_t) -> None:
     """Make every parameter explicit (defaults included), recursing into nested component slots."""
     entry = registry.get(kind, node["type"], where=composer.where(path + ("type",)))
     for p in registry.params(entry):
@@ -572,7 +262,7 @@ def _fill_defaults(composer: _Composer, node: dict[str, Any], kind: str, path: P
             node[p.name] = copy.deepcopy(p.default)
 
 
-def _validate_node(composer: _Composer, node: Mapping[str, Any], kind: str, path: Path_t) -> Any:
+def _validate_node(composer: Composer, node: Mapping[str, Any], kind: str, path: Path_t) -> Any:
     entry = registry.get(kind, node["type"])
     for p in registry.params(entry):
         if p.slot and isinstance(node.get(p.name), Mapping):
@@ -581,41 +271,61 @@ def _validate_node(composer: _Composer, node: Mapping[str, Any], kind: str, path
     return validate_component(kind, node, path=".".join(path), locate=locate)[1]
 
 
+def _resolve(kind: str, node: Any, source: str, partial: bool) -> tuple[dict[str, Any], Composer]:
+    """A node in any accepted form → (fully explicit dict, its composer). ``partial``: keys whose ``${...}``
+    point outside the node (e.g. ``${run.seed}`` in a preset) are dropped instead of raising."""
+    composer = Composer(SECTIONS)
+    expanded = composer.expand(kind, node, source, (kind,))
+    _fill_defaults(composer, expanded, kind, (kind,))
+    try:
+        out = OmegaConf.to_container(OmegaConf.create(expanded), resolve=True)
+    except OmegaConfBaseException as e:
+        if not partial:
+            raise ConfigError(f"{kind}: interpolation failed outside an experiment: {_type_error_message(e)}") from None
+        out = {k: v for k, v in expanded.items() if not (isinstance(v, str) and "${" in v)}
+    assert isinstance(out, dict)
+    return out, composer
+
+
 def resolve_node(kind: str, node: Any, source: str = "argument") -> dict[str, Any]:
     """A node in any accepted form (name, ``{preset: ...}``, ``{type: ...}``) → fully explicit dict.
 
     Presets are expanded, nested component slots too, defaults filled in and ``${...}`` resolved
     (interpolations into other slots of an experiment cannot resolve here and raise ConfigError).
     """
-    composer = _Composer()
-    expanded = composer.expand(kind, node, source, (kind,))
-    _fill_defaults(composer, expanded, kind, (kind,))
-    try:
-        out = OmegaConf.to_container(OmegaConf.create(expanded), resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{kind}: interpolation failed outside an experiment: {_type_error_message(e)}") from None
-    assert isinstance(out, dict)
-    return out
+    return _resolve(kind, node, source, partial=False)[0]
 
 
 def validate_preset(kind: str, name: str) -> Any:
     """Expand and validate one preset on its own (interpolations into other slots stay unchecked)."""
-    composer = _Composer()
-    node = composer.expand(kind, name, "preset", (kind,))
-    _fill_defaults(composer, node, kind, (kind,))
-    try:
-        node = OmegaConf.to_container(OmegaConf.create(node), resolve=True)
-    except OmegaConfBaseException:
-        # a preset may interpolate keys that only an experiment has (e.g. ${run.seed}): check the rest
-        node = {k: v for k, v in node.items() if not (isinstance(v, str) and "${" in v)}
+    node, composer = _resolve(kind, name, "preset", partial=True)
     return _validate_node(composer, node, kind, (kind,))
+
+
+def build(kind: str, node: Any, *args: Any, where: str = "", **runtime: Any) -> Any:
+    """Build a component from a node: a preset or component name, ``{"preset": p, **overrides}``,
+    ``{"type": name, **params}``, or a validated Config instance.
+
+    Keys and types are validated first (nested component slots too); runtime dependencies that are not
+    configuration (a vocabulary size, a width) are passed through ``args``/``runtime`` to the constructor.
+    """
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        cfg = node
+        entry = next((e for e in registry.entries(kind) if isinstance(cfg, e.config)), None)
+        if entry is None:
+            raise ConfigError(f"{type(cfg).__qualname__} is not the Config of any {kind} component")
+    else:
+        resolved, composer = _resolve(kind, node, where or "argument", partial=False)
+        entry = registry.get(kind, resolved["type"])
+        cfg = _validate_node(composer, resolved, kind, (kind,))
+    return entry.cls(cfg, *args, **runtime)
 
 
 def load_experiment(ref: str | os.PathLike, overrides: list[str] | None = None) -> Experiment:
     """Compose, resolve and validate an experiment; raise :class:`ConfigError` on any problem."""
     path = find_experiment(ref)
-    composer = _Composer()
-    _load_with_bases(path, composer)
+    composer = Composer(SECTIONS)
+    load_with_bases(path, composer)
     for item in overrides or []:  # one layer per item, in order: "x=preset x.k=v" edits the new preset
         composer.apply(parse_overrides([item]), CMDLINE)
 
@@ -657,7 +367,7 @@ def load_experiment(ref: str | os.PathLike, overrides: list[str] | None = None) 
 
     prov = {".".join(p): s for p, s in composer.prov.items()}
     exp = Experiment(name=str(resolved["name"]), tree=resolved, provenance=prov, configs=configs,
-                     source=_display(path))
+                     source=display(path))
     for k in slots:  # cross-slot checks: a component's Config may define check(exp)
         check = getattr(configs[k], "check", None)
         if callable(check):
@@ -671,40 +381,3 @@ def _is_under(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def run_dir(exp: Experiment) -> Path:
-    """The run directory (created), with the resolved ``config.yaml`` written into it."""
-    d = exp.run.dir or os.path.join("runs", exp.name, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    exp.run.dir = d
-    exp.tree["run"]["dir"] = d
-    path = Path(d)
-    path.mkdir(parents=True, exist_ok=True)
-    exp.save(path / "config.yaml")
-    return path
-
-
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested metrics → flat ``{"a/b": number}``; non-numbers are dropped, tensors become floats."""
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_metrics(v, key + "/"))
-            continue
-        if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
-            v = v.item()
-        if isinstance(v, bool):
-            v = int(v)
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out[key] = v
-    return out
-
-
-def write_metrics(run: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
-    path = Path(run) / "metrics.json"
-    path.write_text(json.dumps(flatten_metrics(metrics), indent=2, sort_keys=True) + "\n")
-    return path

@@ -1,11 +1,12 @@
 """The component registry: every swappable part of arlab, by kind and name.
 
-A component is a class (usually an ``nn.Module`` or a ``LightningDataModule``) with a nested
-``@dataclass Config`` that lists its parameters and their defaults. It lives in
-``arlab/<kind>/<name>.py`` and registers itself::
+A component is a class (usually an ``nn.Module``) with a nested ``@dataclass Config`` that lists its
+parameters and their defaults. It lives in ``arlab/<kind>/<name>.py`` (or in a plug-in file of your
+own, see below), subclasses its kind's interface (``arlab/<kind>/base.py``: :class:`Backbone`,
+:class:`Order`, :class:`Conditioner`, :class:`Metric`, :class:`Task`, ...) and registers itself::
 
     @register("quantizer", "fsq")
-    class FSQ(nn.Module):
+    class FSQ(Quantizer):
         '''Finite Scalar Quantization (Mentzer et al. 2023).'''
 
         @dataclass
@@ -14,29 +15,43 @@ A component is a class (usually an ``nn.Module`` or a ``LightningDataModule``) w
 
         def __init__(self, cfg: Config): ...
 
-``build("quantizer", {"type": "fsq", "levels": [8, 6, 5]})`` validates the keys and types and
-calls ``FSQ(FSQ.Config(levels=[8, 6, 5]))``. Every module under an ``arlab/<kind>/`` package is
-imported by :func:`load_all`, so a new component needs no edit anywhere else; the kind's
-one-line description is its package docstring.
+:func:`arlab.config.build` validates a node against the Config and calls the class. Every module
+under an ``arlab/<kind>/`` package is imported by :func:`load_all`, so a new component needs no edit
+anywhere else; the kind's one-line description is its package docstring.
+
+**Plug-ins** (components outside the repository): ``ARLAB_PLUGINS`` (``os.pathsep``-separated ``.py``
+files, folders of them, or importable module names), ``arlab --plugin FILE_OR_MODULE``, or a package's
+``arlab.plugins`` entry point. Each plug-in is imported once, after arlab's own components; its folder
+may hold ``registry/<kind>/*.yaml`` presets and ``experiments/`` beside it (:func:`plugin_roots`).
+
+This module imports nothing of arlab but :mod:`arlab.errors`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
 import inspect
+import os
 import pkgutil
 import re
+import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 from arlab.errors import ConfigError, did_you_mean, format_choices
 
 # Packages under arlab/ that hold components; each one's docstring describes the kind.
-_COMPONENT_PACKAGES = ("data", "autoencoder", "quantizer", "tokenizer", "order", "shuffle", "backbone", "generator",
-                       "conditioner", "sampler", "task")
+_COMPONENT_PACKAGES = ("data", "autoencoder", "quantizer", "tokenizer", "order", "shuffle", "backbone",
+                       "conditioner", "metric", "task")
+PLUGIN_ENV = "ARLAB_PLUGINS"
+ENTRY_POINT_GROUP = "arlab.plugins"
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,9 @@ class Param:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
+_INTERFACES: dict[str, type] = {}
+_PLUGIN_ROOTS: list[Path] = []
+_PENDING: list[tuple[str, str]] = []
 _loaded = False
 
 
@@ -91,8 +109,20 @@ def slot(kind: str, default: Any = None, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
+def register_kind(kind: str, interface: type) -> None:
+    """Declare ``interface`` (an abstract base class) as what every ``kind`` component must subclass."""
+    _INTERFACES[kind] = interface
+
+
+def interface(kind: str) -> type | None:
+    """The interface class of ``kind`` (None for kinds without one, e.g. ``data``)."""
+    load_all()
+    return _INTERFACES.get(kind)
+
+
 def register(kind: str, name: str):
-    """Class decorator: register ``cls`` (which must have a dataclass ``Config``) as ``kind/name``."""
+    """Class decorator: register ``cls`` (which must have a dataclass ``Config`` and subclass the kind's
+    interface, where one is declared) as ``kind/name``."""
 
     def deco(cls: type) -> type:
         config = getattr(cls, "Config", None)
@@ -100,12 +130,18 @@ def register(kind: str, name: str):
             raise TypeError(f"{cls.__qualname__} must define a @dataclass 'Config' to be registered")
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"component names are lowercase identifiers, got {name!r}")
+        base = _INTERFACES.get(kind)
+        if base is not None and not issubclass(cls, base):
+            raise TypeError(f"{kind}/{name}: {cls.__qualname__} must subclass {base.__module__}.{base.__qualname__}, "
+                            f"the {kind} interface")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise TypeError(f"{kind}/{name}: {cls.__qualname__} does not implement {missing} of the {kind} interface")
         entries = _REGISTRY.setdefault(kind, {})
         if name in entries and entries[name].cls.__qualname__ != cls.__qualname__:
             old = entries[name]
-            raise RuntimeError(
-                f"{kind}/{name} is already registered by {old.module}.{old.cls.__qualname__}"
-            )
+            raise ConfigError(f"{kind}/{name} is registered twice: by {old.module}.{old.cls.__qualname__} and "
+                              f"by {cls.__module__}.{cls.__qualname__}; rename one")
         entries[name] = Entry(kind, name, cls, config, cls.__module__)
         cls.registry_key = f"{kind}/{name}"
         return cls
@@ -114,29 +150,77 @@ def register(kind: str, name: str):
 
 
 def load_all() -> None:
-    """Import every module of every component package (eager: no 'registered but not imported')."""
+    """Import every module of every component package (eager: no 'registered but not imported'), then the
+    plug-ins (``ARLAB_PLUGINS``, ``arlab.plugins`` entry points, :func:`add_plugins`)."""
     global _loaded
     if _loaded:
         return
-    import arlab
-
+    _loaded = True
     for pkg_name in _COMPONENT_PACKAGES:
         full = f"arlab.{pkg_name}"
-        try:
-            pkg = importlib.import_module(full)
-        except ModuleNotFoundError as e:
-            if e.name == full:
-                continue  # this kind has no package (yet)
-            raise
+        pkg = importlib.import_module(full)
         for info in pkgutil.iter_modules(pkg.__path__, prefix=full + "."):
             importlib.import_module(info.name)
-    _loaded = True
-    del arlab
+    for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _import_plugin(ep.value, f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP}")
+    for ref in os.environ.get(PLUGIN_ENV, "").split(os.pathsep):
+        if ref.strip():
+            _import_plugin(ref.strip(), PLUGIN_ENV)
+    for ref, source in _PENDING:
+        _import_plugin(ref, source)
+    _PENDING.clear()
+
+
+def add_plugins(refs: list[str], source: str = "--plugin") -> None:
+    """Load plug-ins (files, folders or module names) now, or with :func:`load_all` if it has not run yet."""
+    for ref in refs:
+        if _loaded:
+            _import_plugin(ref, source)
+        else:
+            _PENDING.append((ref, source))
+
+
+def plugin_roots() -> list[Path]:
+    """Folders of the loaded plug-ins: searched for ``registry/<kind>/*.yaml`` and ``experiments/``."""
+    load_all()
+    return list(_PLUGIN_ROOTS)
+
+
+def _import_plugin(ref: str, source: str) -> None:
+    path = Path(ref).expanduser()
+    if path.suffix == ".py" or path.exists():
+        if not path.exists():
+            raise ConfigError(f"plug-in '{ref}' ({source}) does not exist")
+        files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            f = f.resolve()
+            stem = re.sub(r"\W", "_", f.stem)
+            name = f"arlab_plugin_{stem}_{hashlib.sha1(str(f).encode()).hexdigest()[:8]}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, f)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        root = path.resolve() if path.is_dir() else path.resolve().parent
+    else:
+        try:
+            module = importlib.import_module(ref)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"plug-in '{ref}' ({source}) is neither a file nor an importable module: {e}") from None
+        root = Path(module.__file__ or ".").resolve().parent
+    if root not in _PLUGIN_ROOTS:
+        _PLUGIN_ROOTS.append(root)
 
 
 def kinds() -> list[str]:
     load_all()
-    return sorted(k for k, v in _REGISTRY.items() if v)
+    return sorted(set(k for k, v in _REGISTRY.items() if v) | set(_INTERFACES))
 
 
 def kind_doc(kind: str) -> str:
@@ -230,24 +314,3 @@ def params(entry_or_config: Entry | type) -> list[Param]:
         out.append(Param(f.name, _type_name(hints.get(f.name, f.type)), default,
                          helps.get(f.name, ""), f.metadata.get("arlab_slot")))
     return out
-
-
-def build(kind: str, node: Any, *args: Any, where: str = "", **runtime: Any) -> Any:
-    """Build a component from a node: a preset or component name, ``{"preset": p, **overrides}``,
-    ``{"type": name, **params}``, or a validated Config instance.
-
-    Keys and types are validated first (see :func:`arlab.config.validate_component`); runtime
-    dependencies that are not configuration (a tokenizer object, a vocabulary size) are passed
-    through ``args``/``runtime`` to the constructor.
-    """
-    from arlab.config import resolve_node, validate_component
-
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        cfg = node
-        entry = next((e for e in entries(kind) if isinstance(cfg, e.config)), None)
-        if entry is None:
-            raise ConfigError(f"{type(cfg).__qualname__} is not the Config of any {kind} component")
-    else:
-        node = resolve_node(kind, node, source=where or "argument")  # presets, nested slots, defaults
-        entry, cfg = validate_component(kind, node, where=where)
-    return entry.cls(cfg, *args, **runtime)

@@ -1,14 +1,12 @@
-"""``arlab train``: one experiment → one run directory.
+"""``arlab train``: one experiment → one run directory (:mod:`arlab.rundir`), after its upstream runs.
 
-The experiment's ``task`` slot names the LightningModule (``task/tokenizer``, ``task/generator``);
-its ``data`` slot the DataModule. The run directory holds::
-
-    config.yaml              the resolved config (reproduces the run on its own)
-    checkpoints/last.ckpt    resumable (model, optimizers, data position, RNG); plus step-N.ckpt
-    tb/                      TensorBoard scalars and image grids
-    metrics.json             final metrics, flat keys, numbers only
-
-A run directory that already has ``checkpoints/last.ckpt`` is resumed (``run.resume: auto``).
+The experiment's ``task`` slot names the :class:`arlab.task.base.Task` (``task/tokenizer``,
+``task/generator``); its ``data`` slot the DataModule. :func:`fit` first trains every missing
+upstream run the task declares (a generator's tokenizer: the chain *train the tokenizer → tokenize →
+train the generator*; tokenizing happens when the token DataModule is first set up), then builds the
+data, asks the task for its data meta, builds the task and trains it. A run directory that already
+has ``checkpoints/last.ckpt`` is resumed (``run.resume: auto``). After training, on rank 0: the
+task's :meth:`~arlab.task.base.Task.evaluate`, ``metrics.json`` and its artifacts.
 """
 
 from __future__ import annotations
@@ -21,9 +19,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 
-from arlab.config import Experiment, run_dir, write_metrics
+from arlab.config import Experiment, load_experiment
 from arlab.errors import ConfigError
+from arlab.registry import get
+from arlab.rundir import run_dir, run_of_checkpoint, write_metrics
+from arlab.task.base import Task, Upstream
 
 log = logging.getLogger("arlab.train")
 
@@ -48,7 +51,7 @@ class Throughput(pl.Callback):
             if dt > 0 and self.samples:
                 self.rate = self.samples / dt
                 pl_module.log("perf/train_images_per_s", self.rate, rank_zero_only=True)
-                tps = getattr(pl_module, "tokens_per_sample", 0)
+                tps = pl_module.tokens_per_sample if isinstance(pl_module, Task) else 0
                 if tps:
                     pl_module.log("perf/train_tokens_per_s", self.rate * tps, rank_zero_only=True)
             self.t0, self.samples = time.perf_counter(), 0
@@ -67,9 +70,6 @@ def resume_path(exp: Experiment, run: Path) -> str | None:
 
 
 def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import TensorBoardLogger
-
     t = exp.trainer
     ckpt = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step}", save_last=True, save_top_k=-1,
                            every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False)
@@ -81,19 +81,32 @@ def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | Non
                       use_distributed_sampler=False, enable_model_summary=True, **t.lightning_kwargs())
 
 
+def train_upstream(up: Upstream, exp: Experiment) -> None:
+    """Train the experiment an upstream checkpoint comes from into that checkpoint's run directory."""
+    run = run_of_checkpoint(up.checkpoint)
+    log.info("%s %s missing: training %s into %s first", up.what, up.checkpoint, up.experiment, run)
+    overrides = [*up.overrides, f"run.dir={run}", f"trainer.enable_progress_bar={exp.trainer.enable_progress_bar}"]
+    fit(load_experiment(up.experiment, overrides))
+    if not Path(up.checkpoint).is_file():
+        raise ConfigError(f"training {up.experiment} did not produce '{up.checkpoint}'")
+
+
 def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
-    """Train ``exp`` to ``trainer.max_steps``; returns the final metrics (also in metrics.json)."""
+    """Train ``exp`` to ``trainer.max_steps`` (after its missing upstream runs); returns the final metrics
+    (also in metrics.json)."""
     if not exp.has("task"):
         raise ConfigError(f"experiment '{exp.name}' has no 'task' (what to train: e.g. task: tokenizer)")
     if not exp.has("data"):
         raise ConfigError(f"experiment '{exp.name}' has no 'data'")
+    task_cls = get("task", exp.tree["task"]["type"]).cls
+    task_cfg = exp.config("task")
     run = run_dir(exp)
-    prepare = getattr(exp.config("task"), "prepare", None)
-    if callable(prepare):  # e.g. a generator trains its missing tokenizer first
-        prepare(exp)
+    for up in task_cls.upstream(task_cfg, exp):
+        train_upstream(up, exp)
     pl.seed_everything(exp.run.seed, workers=True, verbose=False)
     datamodule = exp.build("data", seed=exp.run.seed)
-    module = exp.build("task", experiment=exp.tree)
+    meta = task_cls.data_meta(task_cfg, datamodule)
+    module: Task = exp.build("task", experiment=exp.tree, meta=meta)
     trainer = build_trainer(exp, run, callbacks)
     ckpt_path = resume_path(exp, run)
     if ckpt_path:
@@ -104,40 +117,21 @@ def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str
         if trainer.interrupted:
             raise KeyboardInterrupt
         wall = time.perf_counter() - t0
-        validated_last = getattr(module, "last_val_step", None) == trainer.global_step
+        validated_last = module.last_val_step == trainer.global_step
         if datamodule.val_dataloader() != [] and trainer.limit_val_batches and not validated_last:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
         metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items()}
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_s"] = wall
-        final = getattr(module, "final_metrics", None)
-        if callable(final):
-            metrics.update(final())
         if trainer.is_global_zero:
+            metrics.update(module.evaluate())
+            metrics.update(module.final_metrics())
             write_metrics(run, metrics)
-            artifacts = getattr(module, "save_artifacts", None)
-            if callable(artifacts):
-                for path in artifacts(run):
-                    log.info("wrote %s", path)
+            for path in module.save_artifacts(run):
+                log.info("wrote %s", path)
     finally:
         # gloo aborts at exit if its process group is still alive
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     log.info("run directory: %s", run)
     return metrics
-
-
-def read_task_checkpoint(path: str | Path, task: str, map_location: str = "cpu") -> tuple[dict, dict[str, Any]]:
-    """Load a Lightning checkpoint written by ``arlab train`` for a ``task: <task>`` experiment: returns
-    (checkpoint, its hyper-parameters); a :class:`ConfigError` naming the file when it is missing or of
-    another task."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{task} checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters") or {}
-    found = (hp.get("experiment") or {}).get("task", {}).get("type")
-    if found != task:
-        raise ConfigError(f"'{path}' is not a {task} checkpoint (its task is {found!r}); give the checkpoint of a "
-                          f"'task: {task}' run (runs/<experiment>/checkpoints/last.ckpt)")
-    return ckpt, hp

@@ -13,9 +13,9 @@ AdaLNSelfAttn modulation — each block maps the condition vector ``cond_bd`` th
 ``x + γ1·Attn(norm(x)·(1+s1)+β1)``, ``x + γ2·FFN(norm(x)·(1+s2)+β2)`` (norms without affine weight);
 the final norm is modulated the same way (VAR AdaLNBeforeHead).
 
-Shapes: ``x_bld`` (B, L, d) → ``h_bld`` (B, L, d). Decoding uses :class:`KVCache`, a static
-(B, H_kv, S, d_head) buffer per layer written at absolute positions (gpt-fast): no host syncs, no
-reallocation.
+Shapes: ``x_bld`` (B, L, d) → ``h_bld`` (B, L, d). The decode state (:class:`LlamaState`) is a
+:class:`KVCache` per block, a static (B, H_kv, S, d_head) buffer written at absolute positions
+(gpt-fast): no host syncs, no reallocation; prefill and step are the same masked attention.
 """
 
 from __future__ import annotations
@@ -28,28 +28,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from arlab.backbone.base import ARBITRARY, BLOCK_CAUSAL, CAUSAL, Backbone, Capabilities, DecodeState
 from arlab.errors import ConfigError
+from arlab.layers import RMSNorm, find_multiple
 from arlab.registry import register
-
-
-def find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - n % k
-
-
-class RMSNorm(nn.Module):
-    """``x · rsqrt(mean(x²) + eps) · w``, computed in float32 (Llama / LlamaGen)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
 
 
 def rope_2d(rows: Tensor, cols: Tensor, head_dim: int, base: float = 10000.0,
@@ -82,7 +64,7 @@ def apply_rope(x_bhld: Tensor, cos_ld: Tensor, sin_ld: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x_bhld)
 
 
-class KVCache(nn.Module):
+class KVCache(DecodeState):
     """Static per-layer key/value cache (B, H_kv, S, Dh) addressed by absolute position (gpt-fast).
 
     ``update(pos_l, k, v)`` writes the new keys/values at positions ``pos_l`` (L,) and returns the
@@ -91,15 +73,21 @@ class KVCache(nn.Module):
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None):
-        super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos_l: Tensor, k_bhld: Tensor, v_bhld: Tensor) -> tuple[Tensor, Tensor]:
         self.k.index_copy_(2, pos_l, k_bhld.to(self.k.dtype))
         self.v.index_copy_(2, pos_l, v_bhld.to(self.v.dtype))
         return self.k, self.v
+
+
+class LlamaState(DecodeState):
+    """One :class:`KVCache` per block: ``2 · depth · H_kv · S · Dh`` values per sequence."""
+
+    def __init__(self, layers: list[KVCache]):
+        self.layers = layers
 
 
 class Attention(nn.Module):
@@ -111,9 +99,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.resid_drop = nn.Dropout(dropout)
-        self.cache: KVCache | None = None
 
-    def forward(self, x_bld: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos_l: Tensor | None) -> Tensor:
+    def forward(self, x_bld: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, pos_l: Tensor | None = None) -> Tensor:
         hd = self.head_dim
         q, k, v = self.wqkv(x_bld).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = rearrange(q, "b l (h d) -> b h l d", d=hd)
@@ -122,9 +110,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if cache is not None:
             assert pos_l is not None, "decoding with a KV cache needs the positions of the new tokens"
-            k, v = self.cache.update(pos_l, k, v)
+            k, v = cache.update(pos_l, k, v)
         causal = mask is None
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError("the causal fast path needs a full sequence; pass an explicit mask with a cache")
@@ -160,19 +148,19 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg.dim, cfg.multiple_of, cfg.dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if adaln else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, pos_l: Tensor | None,
-                cond_bd: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cond_bd: Tensor | None,
+                cache: KVCache | None = None, pos_l: Tensor | None = None) -> Tensor:
         if self.ada is None:
-            x = x + self.attn(self.attn_norm(x), cos, sin, mask, pos_l)
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, pos_l)
             return x + self.ffn(self.ffn_norm(x))
         assert cond_bd is not None, "adaln blocks need the condition vector"
         g1, g2, s1, s2, b1, b2 = self.ada(cond_bd)[:, None].chunk(6, dim=-1)
-        x = x + g1 * self.attn(self.attn_norm(x) * (1 + s1) + b1, cos, sin, mask, pos_l)
+        x = x + g1 * self.attn(self.attn_norm(x) * (1 + s1) + b1, cos, sin, mask, cache, pos_l)
         return x + g2 * self.ffn(self.ffn_norm(x) * (1 + s2) + b2)
 
 
 @register("backbone", "llama")
-class Llama(nn.Module):
+class Llama(Backbone):
     """Llama decoder (LlamaGen / Token-Shuffle): RMSNorm, SwiGLU, 2D RoPE, optional QK-norm, GQA, adaLN."""
 
     @dataclass
@@ -205,6 +193,12 @@ class Llama(nn.Module):
             if not 0 <= self.dropout < 1:
                 raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
 
+    @classmethod
+    def capabilities(cls, cfg: Config) -> Capabilities:
+        """Any boolean mask through SDPA (causal uses its fast path); prefix or adaLN; NAR branches."""
+        return Capabilities(attention=frozenset({CAUSAL, BLOCK_CAUSAL, ARBITRARY}),
+                            cond_modes=frozenset({"prefix", "adaln"}), cond_mode=cfg.cond_mode, branch=True)
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
@@ -230,7 +224,8 @@ class Llama(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def rope(self, rows: Tensor, cols: Tensor, identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def position_tables(self, rows: Tensor, cols: Tensor, identity: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """2D RoPE (cos, sin), each (L, head_dim / 2); all identity with ``rope: false``."""
         if not self.cfg.rope:
             identity = torch.ones_like(rows, dtype=torch.bool)
         return rope_2d(rows, cols, self.head_dim, self.cfg.rope_base, identity)
@@ -240,31 +235,36 @@ class Llama(nn.Module):
         layers before the lower-neighbour head): ``branch(x_trunk, ...)``."""
         return Llama(dataclasses.replace(self.cfg, depth=depth))
 
-    # ------------------------------------------------------------------------------ cache
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    # ------------------------------------------------------------------------------ decode state
+    def init_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LlamaState:
         kv = self.cfg.kv_heads or self.cfg.heads
-        for b in self.blocks:
-            b.attn.cache = KVCache(batch, kv, max_len, self.head_dim, dtype, device)
+        return LlamaState([KVCache(batch, kv, max_len, self.head_dim, dtype, device) for _ in self.blocks])
 
-    def clear_cache(self) -> None:
-        for b in self.blocks:
-            b.attn.cache = None
+    def prefill(self, x_bld: Tensor, state: LlamaState, pos_l: Tensor, pos: tuple[Tensor, ...],
+                mask: Tensor | None, cond_bd: Tensor | None = None,
+                return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """New positions ``pos_l`` written into every block's KV cache; ``mask`` over the cache length."""
+        if mask is None:
+            raise ValueError("decoding with a KV cache needs an explicit mask over the cache positions")
+        return self._run(x_bld, pos, mask, cond_bd, return_trunk, state.layers, pos_l)
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, x_bld: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None,
-                pos_l: Tensor | None = None, cond_bd: Tensor | None = None,
-                return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x_bld: Tensor, pos: tuple[Tensor, ...], mask: Tensor | None = None,
+                cond_bd: Tensor | None = None, return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``x_bld`` (B, L, d) → ``h_bld`` (B, L, d), final norm applied.
 
-        ``rope``: (cos, sin) for the L positions; ``mask``: None for plain causal attention, else a
-        bool (L, S) / (B, 1, L, S) mask, True = may attend (S = cache length when decoding);
-        ``pos_l``: absolute positions (L,) of the new tokens in the KV cache; ``cond_bd`` (B, d):
-        the adaLN condition; ``return_trunk``: also return the last block's output before the final
-        norm (the input of a :meth:`branch`).
+        ``pos``: (cos, sin) for the L positions (:meth:`position_tables`); ``mask``: None for plain causal
+        attention, else a bool (L, L) / (B, 1, L, L) mask, True = may attend; ``cond_bd`` (B, d): the
+        adaLN condition; ``return_trunk``: also return the last block's output before the final norm
+        (the input of a :meth:`branch`).
         """
-        cos, sin = rope
-        for b in self.blocks:
-            x_bld = b(x_bld, cos, sin, mask, pos_l, cond_bd)
+        return self._run(x_bld, pos, mask, cond_bd, return_trunk, None, None)
+
+    def _run(self, x_bld: Tensor, pos: tuple[Tensor, ...], mask: Tensor | None, cond_bd: Tensor | None,
+             return_trunk: bool, caches: list[KVCache] | None, pos_l: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+        cos, sin = pos
+        for i, b in enumerate(self.blocks):
+            x_bld = b(x_bld, cos, sin, mask, cond_bd, None if caches is None else caches[i], pos_l)
         h = self.norm(x_bld)
         if self.head_ada is not None:
             assert cond_bd is not None

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from arlab.conditioner.base import Conditioner
 from arlab.errors import ConfigError
 from arlab.registry import register
 
 
 @register("conditioner", "class")
-class ClassConditioner(nn.Module):
+class ClassConditioner(Conditioner):
     """Class label → one prefix token and an adaLN vector; null class num_classes; label dropout for CFG."""
 
     @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from arlab.conditioner.base import Conditioner
 from arlab.errors import ConfigError
 from arlab.registry import register
 
@@ -35,8 +36,10 @@ VOCAB = 259
 
 
 @register("conditioner", "text")
-class TextConditioner(nn.Module):
+class TextConditioner(Conditioner):
     """Byte-level caption prefix (left-padded, BOI last), padding mask, null prompt and caption dropout for CFG."""
+
+    accepts_text = True
 
     @dataclass
     class Config:
@@ -80,8 +83,7 @@ class TextConditioner(nn.Module):
                 out[i, -1 - len(ids):-1] = torch.tensor(ids)
         return out
 
-    @staticmethod
-    def decode(ids_bp: Tensor) -> list[str]:
+    def decode(self, ids_bp: Tensor) -> list[str]:
         """Ids → captions (the null prompt decodes to ``"<null>"``)."""
         out = []
         for row in ids_bp.tolist():

@@ -21,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from arlab.data.pack import pack_imagefolder
+from arlab.data.shapes import ensure_shapes
 from arlab.data.shards import IMAGE_EXTS, MANIFEST, read_manifest
 from arlab.data.stream import ShardLoader, sample_seed
 from arlab.errors import ConfigError, DataError
@@ -186,8 +188,6 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         """Pack ``source`` into ``root`` when the shards do not exist yet (rank 0 of each node)."""
         if (self.root / MANIFEST).exists() or not self.cfg.source:
             return
-        from arlab.data.pack import pack_imagefolder
-
         log.info("packing %s into %s", self.cfg.source, self.root)
         pack_imagefolder(self.cfg.source, self.root, shard_size=self.cfg.shard_size, seed=0)
 
@@ -253,8 +253,6 @@ class ShapesDataModule(ShardDataModule):
         return cache_dir() / f"shapes-{c.gen_size}px-s{c.gen_seed}-{c.n_train}-{c.n_test}"
 
     def prepare_data(self) -> None:
-        from arlab.data.shapes import ensure_shapes
-
         c = self.cfg
         ensure_shapes(self.root, n_train=c.n_train, n_test=c.n_test, seed=c.gen_seed, size=c.gen_size,
                       shard_size=c.shard_size)

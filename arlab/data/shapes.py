@@ -67,6 +67,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from arlab.data.shards import MANIFEST, ShardWriter, add_split, new_manifest, read_manifest, write_manifest
+from arlab.errors import DataError
+from arlab.utils import FileLock
 
 CLASSES: list[str] = [
     "circle", "square", "triangle", "inverted triangle", "diamond",
@@ -445,7 +451,6 @@ def classify(image: np.ndarray) -> int:
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=6)
@@ -465,7 +470,6 @@ def write_shapes(out_dir: str | os.PathLike, n_train: int = 10000, n_test: int =
     zero-padded index (10 digits); each sample has ``png``, ``cls``, ``txt`` (caption) and ``json`` (meta).
     Old ``shard-*.tar`` files in the split folders are removed first.
     """
-    from arlab.data.shards import MANIFEST, ShardWriter, add_split, new_manifest, write_manifest
 
     if n_train < 0 or n_test < 0:
         raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
@@ -476,7 +480,6 @@ def write_shapes(out_dir: str | os.PathLike, n_train: int = 10000, n_test: int =
                             captions=True, generator=_generator_block(seed, size, n_train, n_test))
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=n_train + n_test, unit="img", desc="shapes", smoothing=0.1)
     try:
@@ -502,8 +505,6 @@ def write_shapes(out_dir: str | os.PathLike, n_train: int = 10000, n_test: int =
 
 
 def _is_current(root: Path, generator: dict[str, int], shard_size: int) -> bool:
-    from arlab.data.shards import read_manifest
-    from arlab.errors import DataError
 
     try:
         m = read_manifest(root)
@@ -511,32 +512,6 @@ def _is_current(root: Path, generator: dict[str, int], shard_size: int) -> bool:
         return False
     return (m.get("name") == "shapes" and m.get("generator") == generator
             and m.get("shard_size") == shard_size and m.get("classes") == CLASSES)
-
-
-class _Lock:
-    """A best-effort exclusive ``flock`` on a file (no-op where unavailable): saves duplicate work."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self) -> _Lock:
-        try:
-            import fcntl
-
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
 
 
 def ensure_shapes(root: str | os.PathLike, n_train: int = 10000, n_test: int = 1000, seed: int = 0,
@@ -552,7 +527,7 @@ def ensure_shapes(root: str | os.PathLike, n_train: int = 10000, n_test: int = 1
     if _is_current(root, generator, shard_size):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _Lock(root.parent / f".{root.name}.lock"):
+    with FileLock(root.parent / f".{root.name}.lock"):
         if _is_current(root, generator, shard_size):  # another process made it while we waited
             return root
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from arlab.errors import DataError
 
 MANIFEST = "dataset.json"
@@ -42,7 +44,6 @@ def _as_bytes(value: Any) -> bytes:
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True).encode("utf-8")
     if hasattr(value, "tobytes") and hasattr(value, "dtype"):  # numpy array -> .npy bytes
-        import numpy as np
 
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)

@@ -40,6 +40,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from arlab.errors import DataError
+
 log = logging.getLogger("arlab.data")
 
 Decode = Callable[[dict[str, Any], int], "dict[str, Any] | None"]
@@ -217,7 +219,6 @@ class ShardLoader:
                  world_size: int, num_workers: int, shuffle_buffer: int, decode: Decode,
                  collate: Callable[[list[dict]], dict], train: bool = True, name: str = "train"):
         if len(shards) < world_size:
-            from arlab.errors import DataError
 
             raise DataError(
                 f"{name}: {len(shards)} shard(s) cannot feed {world_size} ranks (each rank reads "
@@ -237,7 +238,6 @@ class ShardLoader:
         else:  # every rank can compute every rank's share from the manifest: size for the largest
             self.batches_per_epoch = max(-(-sum(counts[r::world_size]) // batch_size) for r in range(world_size))
         if self.batches_per_epoch == 0:
-            from arlab.errors import DataError
 
             raise DataError(f"{name}: {total} samples are fewer than one batch of {batch_size} "
                             f"on each of {world_size} rank(s)")

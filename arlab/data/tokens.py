@@ -22,11 +22,15 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from arlab.config import build
 from arlab.data.datamodule import ManifestInfo
 from arlab.data.shards import MANIFEST, read_manifest
 from arlab.data.stream import ShardLoader
+from arlab.data.tokenize import tokenize_shards
 from arlab.errors import ConfigError, DataError
 from arlab.registry import register
+from arlab.rundir import run_of_checkpoint
+from arlab.utils import FileLock
 
 log = logging.getLogger("arlab.data")
 
@@ -51,9 +55,7 @@ def collate_tokens(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def default_token_root(tokenizer_ckpt: str, images: str) -> Path:
-    ckpt = Path(tokenizer_ckpt)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run / "tokens" / images.replace("/", "-")
+    return run_of_checkpoint(tokenizer_ckpt) / "tokens" / images.replace("/", "-")
 
 
 @register("data", "tokens")
@@ -92,16 +94,11 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
     def prepare_data(self) -> None:
         if (self.root / MANIFEST).exists():
             return
-        from arlab.registry import build
-        from arlab.tokenizer.tokenize import tokenize_shards
-
         if not self.cfg.tokenizer_ckpt or not Path(self.cfg.tokenizer_ckpt).is_file():
             raise ConfigError(f"no token shards at '{self.root}' and no tokenizer checkpoint to make them "
                               f"(data.tokenizer_ckpt='{self.cfg.tokenizer_ckpt}')")
-        from arlab.data.shapes import _Lock
-
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        with _Lock(self.root.parent / f".{self.root.name}.lock"):  # DDP ranks / parallel runs: one tokenizes
+        with FileLock(self.root.parent / f".{self.root.name}.lock"):  # DDP ranks / parallel runs: one tokenizes
             if (self.root / MANIFEST).exists():
                 return
             images = build("data", self.cfg.images, seed=0)

@@ -14,22 +14,32 @@ condition ``cond`` (class labels (B,) or caption ids (B, P)):
 5. per head, ``head(unshuffle(hid))`` (B, L, s², V); target t averages the heads that read it
    (``plan.reads``) → logits per token ``logits_bnv`` (B, N, V).
 
-Sampling: :meth:`Generator.sample` with the static KV cache, one order step at a time (every input
-of the step fed at once, every target of the step drawn in parallel); CFG on logits with a
-schedule. :meth:`Generator._sample_recompute` is the cache-free reference.
+Sampling (:meth:`Generator.sample`) walks the decode schedule derived once from the plan
+(:class:`DecodeStep`): :meth:`Generator.prefill` feeds the condition into the backbone's decode state
+(a KV cache or a recurrent state) and gives the first step's logits; :meth:`Generator.decode_step`
+feeds every input of one order step at once and gives the logits of every target of that step;
+:class:`Guidance` mixes the conditional and null halves (CFG in one batch) with a schedule; ``draw``
+samples the tokens. :meth:`Generator.sample_recompute` is the state-free reference.
+
+The generator uses its components only through their interfaces (:class:`arlab.backbone.base.Backbone`,
+:class:`arlab.order.base.Order`, :class:`arlab.conditioner.base.Conditioner`); the backbone's
+capabilities are checked against the order when the generator is built (and, by the generator task,
+at config time).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arlab.errors import ConfigError
+from arlab.backbone.base import Backbone, DecodeState, check_serves
+from arlab.conditioner.base import Conditioner
 from arlab.generator.layout import Layout
-from arlab.generator.sampling import cfg_weight, check_schedule, draw, is_guided
+from arlab.generator.sampling import Guidance, check_schedule, draw
 from arlab.order.base import Order, OrderPlan
 from arlab.shuffle.window import TokenShuffle
 
@@ -52,8 +62,33 @@ class GenOut:
         return self.logits_bnv.unflatten(1, self.grid)
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One order step of the decode schedule: the input slots it feeds (ascending, ``in_order[inputs]``) and
+    the target slots it emits."""
+
+    inputs: slice  # range of Generator.in_order holding the input slots fed
+    targets: slice  # target slots emitted
+    direct: bool  # head 0 alone reads each target from its own input slot, in order (no gather)
+
+
+@dataclass
+class _Decoding:
+    """Per-call sampling context: the doubled (CFG) conditions, the decode states, the position tables."""
+
+    batch: int
+    guidance: Guidance
+    prefix: Tensor  # (nb, P, d)
+    vec: Tensor | None  # (nb, d) adaLN vector
+    valid: Tensor | None  # (nb, P) condition key validity
+    states: list[DecodeState]  # backbone (and branch)
+    tables: tuple[Tensor, ...]  # position tables of every input slot
+    order_state: Any
+    dtype: torch.dtype
+
+
 class Generator(nn.Module):
-    def __init__(self, backbone: nn.Module, order: Order, shuffle: TokenShuffle, conditioner: nn.Module,
+    def __init__(self, backbone: Backbone, order: Order, shuffle: TokenShuffle, conditioner: Conditioner,
                  vocab_size: int, scales: list | tuple, z_loss: float = 0.0, token_dropout: float = 0.0,
                  quantizer: nn.Module | None = None):
         super().__init__()
@@ -64,6 +99,8 @@ class Generator(nn.Module):
         self.vocab_size = vocab_size
         self.grid = None if self.layout.multiscale else self.layout.scales[0]
         self.z_loss_weight = z_loss
+        check_serves(type(backbone), backbone.cfg, attention=order.attention, heads=order.heads,
+                     order_name=getattr(order, "registry_key", type(order).__name__))
         d = backbone.dim
         order.setup(self.layout, d, quantizer)
         plan = order.plan(self.layout)
@@ -75,16 +112,13 @@ class Generator(nn.Module):
         self.head = nn.Linear(d, vocab_size, bias=False)
         nn.init.zeros_(self.head.weight)  # LlamaGen: zero-initialised output layer
         self.branch = self.head2 = None
-        if plan.heads == 2:  # NAR: a second head after extra blocks
-            if not hasattr(backbone, "branch"):
-                raise ConfigError(f"order {order.registry_key} needs a backbone with extra layers (branch); "
-                                  f"{type(backbone).__name__} has none")
+        if plan.heads == 2:  # NAR: a second head after extra layers
             self.branch = backbone.branch(order.extra_layers)
             self.head2 = nn.Linear(d, vocab_size, bias=False)
             nn.init.normal_(self.head2.weight, std=0.02)
         elif plan.heads != 1:
-            raise ConfigError(f"{plan.heads} prediction heads are not supported (1 or 2)")
-        self.adaln = getattr(backbone.cfg, "cond_mode", "prefix") == "adaln"
+            raise ValueError(f"{plan.heads} prediction heads are not supported (1 or 2)")
+        self.adaln = backbone.cond_mode == "adaln"
         p, L = int(conditioner.prefix_len), plan.length
         self.register_buffer("perm", plan.perm.clone(), persistent=False)
         self.register_buffer("inv_perm", torch.argsort(plan.perm), persistent=False)
@@ -93,22 +127,21 @@ class Generator(nn.Module):
         w = (plan.reads >= 0).float()
         self.register_buffer("read_w", w / w.sum(1, keepdim=True), persistent=False)  # (L, H) mean weights
         fed = plan.input_slots()  # the input slots each decoding step feeds
-        ends = torch.tensor([len(f) for f in fed]).cumsum(0).tolist()
-        self._in_bounds = list(zip([0, *ends[:-1]], ends))
         local = torch.empty(L, dtype=torch.long)  # position of input slot j among its step's inputs
         for f in fed:
             local[f] = torch.arange(len(f))
-        self.register_buffer("in_order", torch.cat(fed), persistent=False)
         self.register_buffer("in_local", local, persistent=False)
+        self.register_buffer("in_order", torch.cat(fed), persistent=False)
+        ends = torch.tensor([len(f) for f in fed]).cumsum(0).tolist()
         # where head 0 alone reads each target from its own input slot (raster, next-scale), logits need no gather
         identity = plan.heads == 1 and torch.equal(plan.reads[:, 0], torch.arange(L))
         self._direct_train = identity
-        self._direct = [identity and torch.equal(f, torch.arange(sl.start, sl.stop))
-                        for f, sl in zip(fed, plan.step_slices())]
-        rows, cols = order.rope_positions(self.layout, plan)
-        self.register_buffer("rope_rows", rows.float(), persistent=False)
-        self.register_buffer("rope_cols", cols.float(), persistent=False)
-        # (T, T) mask of the training sequence; its row P - 1 + j is what input j sees in the KV cache
+        self.schedule = [DecodeStep(slice(a, b), sl, identity and torch.equal(f, torch.arange(sl.start, sl.stop)))
+                         for a, b, f, sl in zip([0, *ends[:-1]], ends, fed, plan.step_slices())]
+        rows, cols = order.input_positions(self.layout, plan)
+        self.register_buffer("pos_rows", rows.float(), persistent=False)
+        self.register_buffer("pos_cols", cols.float(), persistent=False)
+        # (T, T) mask of the training sequence; its row P - 1 + j is what input j sees in the decode state
         self.register_buffer("train_mask", plan.full_mask(p), persistent=False)
         self._causal = plan.causal
 
@@ -133,9 +166,9 @@ class Generator(nn.Module):
             prefix = torch.cat([prefix[:, :-1], prefix[:, -1:] + bias[0].to(prefix.dtype)], dim=1)
         return prefix, (vec if self.adaln else None), valid
 
-    def _rope(self, slots: Tensor | slice | None, prefix: int = 0) -> tuple[Tensor, Tensor]:
-        """RoPE tables for input slots (default all but slot 0), preceded by ``prefix`` identity positions."""
-        rows, cols = self.rope_rows, self.rope_cols
+    def _tables(self, slots: Tensor | slice | None, prefix: int = 0) -> tuple[Tensor, ...]:
+        """Backbone position tables for input slots (default all), preceded by ``prefix`` condition positions."""
+        rows, cols = self.pos_rows, self.pos_cols
         if slots is not None:
             rows, cols = rows[slots], cols[slots]
         ident = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
@@ -143,7 +176,7 @@ class Generator(nn.Module):
             z = torch.zeros(prefix, device=rows.device)
             rows, cols = torch.cat([z, rows]), torch.cat([z, cols])
             ident = torch.cat([torch.ones(prefix, dtype=torch.bool, device=rows.device), ident])
-        return self.backbone.rope(rows, cols, ident)
+        return self.backbone.position_tables(rows, cols, ident)
 
     def _padding(self, mask: Tensor, valid: Tensor | None, q_pos: Tensor) -> Tensor:
         """Combine a (Lq, S) mask with the condition's padding (B, P): padded keys are hidden from every
@@ -160,20 +193,13 @@ class Generator(nn.Module):
         """Tokens of n cells, (B, n, s²) → fused input embeddings (B, n, d)."""
         return self.shuffle.shuffle_windows(self.tok_embedding(win_bnk))
 
-    def _run(self, x: Tensor, rope, mask, pos, vec) -> list[Tensor]:
-        """Backbone (and NAR's branch): hidden states per head."""
-        if self.branch is None:
-            return [self.backbone(x, rope, mask=mask, pos_l=pos, cond_bd=vec)]
-        h, trunk = self.backbone(x, rope, mask=mask, pos_l=pos, cond_bd=vec, return_trunk=True)
-        return [h, self.branch(trunk, rope, mask=mask, pos_l=pos, cond_bd=vec)]
-
     def _logits(self, hids: list[Tensor], targets: slice, step: int | None = None) -> Tensor:
         """Logits (B, n_t, s², V) float32 of the target slots ``targets`` (one tensor of hidden states per
         head): each target averages the heads that read it. ``step`` None: ``hids`` hold every input slot
         in order (training); else only the inputs that decoding step fed."""
         heads = [self.head] if self.head2 is None else [self.head, self.head2]
         per_head = [head(self.shuffle.unshuffle(h)).float() for head, h in zip(heads, hids)]
-        if self._direct_train if step is None else self._direct[step]:
+        if self._direct_train if step is None else self.schedule[step].direct:
             return per_head[0]
         out = 0.0
         for k, lg in enumerate(per_head):
@@ -206,7 +232,13 @@ class Generator(nn.Module):
         T = seq.shape[1]
         mask = None if (self._causal and valid is None) else self._padding(self.train_mask, valid,
                                                                               torch.arange(T, device=seq.device))
-        hids = [h[:, p - 1:] for h in self._run(seq, self._rope(slice(1, None), p), mask, None, vec)]
+        tables = self._tables(slice(1, None), p)
+        if self.branch is None:
+            hids = [self.backbone(seq, tables, mask=mask, cond_bd=vec)]
+        else:
+            h, trunk = self.backbone(seq, tables, mask=mask, cond_bd=vec, return_trunk=True)
+            hids = [h, self.branch(trunk, tables, mask=mask, cond_bd=vec)]
+        hids = [h[:, p - 1:] for h in hids]
         L = self.plan.length
         logits_bnv = self._slots_to_tokens(self._logits(hids, slice(0, L)))  # (B, N, V)
         ce_bn = F.cross_entropy(logits_bnv.transpose(1, 2), codes_bn, reduction="none")
@@ -216,96 +248,112 @@ class Generator(nn.Module):
         per_scale = torch.stack([c.mean() for c in ce_bn.detach().split(self.layout.scale_tokens(), dim=1)])
         return GenOut(logits_bnv, ce + self.z_loss_weight * z, ce, per_pos, z, per_scale, self.grid)
 
-    # ------------------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------------------ sampling steps
+    def start(self, cond: Tensor, guidance: Guidance) -> _Decoding:
+        """The sampling context for conditions ``cond``: conditional and null halves in one batch when guided,
+        preallocated decode states for the whole sequence, position tables of every input slot."""
+        dev = cond.device
+        conds = torch.cat([cond, self.conditioner.null_like(cond)]) if guidance.guided else cond
+        prefix, vec, valid = self._condition(conds, self.order.input_bias())
+        nb, total = prefix.shape[0], self.prefix_len + self.plan.length - 1
+        dtype = next(self.backbone.parameters()).dtype
+        if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
+            dtype = torch.get_autocast_dtype(dev.type)
+        states = [m.init_state(nb, total, dtype, dev) for m in (self.backbone, self.branch) if m is not None]
+        order_state = self.order.start_sampling() if self.order.continuous else None
+        return _Decoding(cond.shape[0], guidance, prefix, vec, valid, states, self._tables(None), order_state, dtype)
+
+    def _feed(self, ctx: _Decoding, x: Tensor, pos_l: Tensor, tables: tuple[Tensor, ...], mask: Tensor) -> list[Tensor]:
+        """Feed new positions into the decode state(s): hidden states per head (backbone, and NAR's branch)."""
+        mask = self._padding(mask, ctx.valid, pos_l)
+        call = self.backbone.step if x.shape[1] == 1 else self.backbone.prefill
+        if self.branch is None:
+            return [call(x, ctx.states[0], pos_l, tables, mask, ctx.vec)]
+        h, trunk = call(x, ctx.states[0], pos_l, tables, mask, ctx.vec, return_trunk=True)
+        branch_call = self.branch.step if x.shape[1] == 1 else self.branch.prefill
+        return [h, branch_call(trunk, ctx.states[1], pos_l, tables, mask, ctx.vec)]
+
+    def prefill(self, ctx: _Decoding) -> Tensor:
+        """Step 0: the condition tokens, causal among themselves → the first step's logits (nb, n_t, s², V)."""
+        p, dev = self.prefix_len, ctx.prefix.device
+        pos_l = torch.arange(p, device=dev)
+        mask = torch.ones(p, self.prefix_len + self.plan.length - 1, dtype=torch.bool, device=dev).tril()
+        tables = self.backbone.position_tables(torch.zeros(p, device=dev), torch.zeros(p, device=dev),
+                                               torch.ones(p, dtype=torch.bool, device=dev))
+        hids = [h[:, -1:] for h in self._feed(ctx, ctx.prefix.to(ctx.dtype), pos_l, tables, mask)]
+        return self._logits(hids, self.schedule[0].targets, 0)
+
+    def step_inputs(self, ctx: _Decoding, step: int, codes_bn: Tensor) -> Tensor:
+        """The fused inputs (B, n_in, d) that order step ``step`` ≥ 1 feeds, from the tokens drawn so far."""
+        lay, isl = self.layout, self.in_order[self.schedule[step].inputs]
+        if self.order.continuous:
+            x_tok, off = self.order.step_inputs(ctx.order_state, step, codes_bn)  # (B, n_tok, d)
+            buf = x_tok.new_zeros(ctx.batch, lay.num_tokens, x_tok.shape[-1])
+            buf[:, off:off + x_tok.shape[1]] = x_tok
+            x = self.shuffle.shuffle_windows(buf[:, lay.win_index[self.in_cells[isl]]])
+        else:
+            x = self.embed_windows(codes_bn[:, lay.win_index[self.in_cells[isl]]])
+        bias = self.order.input_bias()
+        return x if bias is None else x + bias[isl]
+
+    def decode_step(self, ctx: _Decoding, step: int, codes_bn: Tensor) -> Tensor:
+        """Order step ``step`` ≥ 1: feed its inputs at their positions → logits of its targets (nb, n_t, s², V)."""
+        isl = self.in_order[self.schedule[step].inputs]
+        x = self.step_inputs(ctx, step, codes_bn)
+        x = torch.cat([x, x]) if ctx.guidance.guided else x
+        pos_l = self.prefix_len - 1 + isl
+        tables = tuple(t[isl] for t in ctx.tables)
+        return self._logits(self._feed(ctx, x.to(ctx.dtype), pos_l, tables, self.train_mask[pos_l]),
+                            self.schedule[step].targets, step)
+
+    def place(self, codes_bn: Tensor, tok: Tensor, step: int) -> None:
+        """Write the tokens (B, n_t, s²) drawn at ``step`` into ``codes_bn`` (B, N)."""
+        codes_bn[:, self.layout.win_index[self.perm[self.schedule[step].targets]].flatten()] = tok.flatten(1)
+
     @torch.no_grad()
     def sample(self, cond: Tensor, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: torch.Generator | None = None, use_cache: bool = True,
                return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Draw tokens for conditions ``cond`` (labels (B,) or caption ids (B, P)): (B, h, w) for one grid,
-        else (B, N); with ``return_logits`` also the guided logits each token was drawn from (…, V)."""
+        else (B, N); with ``return_logits`` also the guided logits each token was drawn from (…, V).
+        ``use_cache=False``: the state-free reference (:meth:`sample_recompute`)."""
         check_schedule(cfg_schedule)
         self.conditioner.check(cond)
+        guidance = Guidance(cfg_schedule, cfg_scale, self.plan.steps)
         if not use_cache:
-            return self._sample_recompute(cond, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator,
-                                          return_logits)
-        plan, p, dev, lay = self.plan, self.prefix_len, cond.device, self.layout
-        b, k = cond.shape[0], lay.tokens_per_cell
-        guided = is_guided(cfg_schedule, cfg_scale)
-        conds = torch.cat([cond, self.conditioner.null_like(cond)]) if guided else cond
-        bias = self.order.input_bias()
-        prefix, vec, valid = self._condition(conds, bias)
-        nb, total = prefix.shape[0], p + plan.length - 1
-        dtype = next(self.backbone.parameters()).dtype
-        if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
-            dtype = torch.get_autocast_dtype(dev.type)
-        for m in (self.backbone, self.branch):
-            if m is not None:
-                m.setup_cache(nb, total, dtype, dev)
-        codes_bn = torch.zeros(b, lay.num_tokens, dtype=torch.long, device=dev)
-        logits_out = torch.zeros(b, plan.length, k, self.vocab_size, device=dev) if return_logits else None
-        cos_all, sin_all = self._rope(None)  # every input slot, once, on device
-        state = self.order.start_sampling() if self.order.continuous else None
-        try:
-            for step, ((a, b_), tsl) in enumerate(zip(self._in_bounds, plan.step_slices())):
-                isl = self.in_order[a:b_]  # the input slots this step feeds (on device)
-                if step == 0:  # prefill: the condition, causal among itself
-                    pos = torch.arange(p, device=dev)
-                    mask = torch.ones(p, total, dtype=torch.bool, device=dev).tril()
-                    x = prefix
-                    rope = self.backbone.rope(torch.zeros(p, device=dev), torch.zeros(p, device=dev),
-                                              torch.ones(p, dtype=torch.bool, device=dev))
-                else:
-                    pos = p - 1 + isl
-                    mask = self.train_mask[pos]
-                    if self.order.continuous:
-                        x_tok, off = self.order.step_inputs(state, step, codes_bn)  # (B, n_tok, d)
-                        buf = x_tok.new_zeros(b, lay.num_tokens, x_tok.shape[-1])
-                        buf[:, off:off + x_tok.shape[1]] = x_tok
-                        x = self.shuffle.shuffle_windows(buf[:, lay.win_index[self.in_cells[isl]]])
-                    else:
-                        x = self.embed_windows(codes_bn[:, lay.win_index[self.in_cells[isl]]])
-                    if bias is not None:
-                        x = x + bias[isl]
-                    x = torch.cat([x, x]) if guided else x
-                    rope = (cos_all[isl], sin_all[isl])
-                hids = self._run(x.to(dtype), rope, self._padding(mask, valid, pos), pos, vec)
-                if step == 0:
-                    hids = [h[:, -1:] for h in hids]
-                logits = self._logits(hids, tsl, step)  # (nb, n_t, s², V)
-                if guided:
-                    lc, lu = logits.chunk(2)
-                    logits = lu + cfg_weight(cfg_schedule, cfg_scale, step, plan.steps) * (lc - lu)
-                tok = draw(logits, temperature, top_k, top_p, generator)  # (B, n_t, s²)
-                codes_bn[:, lay.win_index[self.perm[tsl]].flatten()] = tok.flatten(1)
-                if logits_out is not None:
-                    logits_out[:, tsl] = logits
-        finally:
-            for m in (self.backbone, self.branch):
-                if m is not None:
-                    m.clear_cache()
+            return self.sample_recompute(cond, guidance, temperature, top_k, top_p, generator, return_logits)
+        ctx = self.start(cond, guidance)
+        codes_bn = torch.zeros(ctx.batch, self.layout.num_tokens, dtype=torch.long, device=cond.device)
+        logits_out = (torch.zeros(ctx.batch, self.plan.length, self.layout.tokens_per_cell, self.vocab_size,
+                                  device=cond.device) if return_logits else None)
+        for step, st in enumerate(self.schedule):
+            logits = self.prefill(ctx) if step == 0 else self.decode_step(ctx, step, codes_bn)
+            logits = guidance.mix(logits, step)
+            self.place(codes_bn, draw(logits, temperature, top_k, top_p, generator), step)
+            if logits_out is not None:
+                logits_out[:, st.targets] = logits
         codes = self._shape(codes_bn)
         return (codes, self._shape(self._slots_to_tokens(logits_out))) if return_logits else codes
 
-    def _sample_recompute(self, cond, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator, return_logits):
-        """Reference sampler: no cache, the full teacher-forced forward at every step (for tests/benchmarks;
-        call it in eval mode, as :meth:`sample`, or dropout stays on)."""
-        plan, dev, lay = self.plan, cond.device, self.layout
-        b = cond.shape[0]
-        guided = is_guided(cfg_schedule, cfg_scale)
-        codes = torch.zeros(b, lay.num_tokens, dtype=torch.long, device=dev)
-        out_logits = torch.zeros(b, lay.num_tokens, self.vocab_size, device=dev) if return_logits else None
-        for step, tsl in enumerate(plan.step_slices()):
-            if guided:
+    def sample_recompute(self, cond: Tensor, guidance: Guidance, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, generator: torch.Generator | None = None,
+                         return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Reference sampler: no decode state, the full teacher-forced forward at every step (for tests and
+        benchmarks; call it in eval mode, as :meth:`sample`, or dropout stays on)."""
+        lay = self.layout
+        codes = torch.zeros(cond.shape[0], lay.num_tokens, dtype=torch.long, device=cond.device)
+        out_logits = (torch.zeros(cond.shape[0], lay.num_tokens, self.vocab_size, device=cond.device)
+                      if return_logits else None)
+        for step, st in enumerate(self.schedule):
+            if guidance.guided:
                 both = self.forward(torch.cat([codes, codes]), torch.cat([cond, self.conditioner.null_like(cond)]))
-                lc, lu = both.logits_bnv.chunk(2)
-                logits = lu + cfg_weight(cfg_schedule, cfg_scale, step, plan.steps) * (lc - lu)
+                logits = guidance.mix(both.logits_bnv, step)
             else:
                 logits = self.forward(codes, cond).logits_bnv
-            tok_idx = lay.win_index[self.perm[tsl]]  # (n, s²) token positions of this step's cells
+            tok_idx = lay.win_index[self.perm[st.targets]]  # (n, s²) token positions of this step's cells
             win_logits = logits[:, tok_idx]  # (B, n, s², V)
-            tok = draw(win_logits, temperature, top_k, top_p, generator)
-            codes[:, tok_idx.flatten()] = tok.flatten(1)
+            codes[:, tok_idx.flatten()] = draw(win_logits, temperature, top_k, top_p, generator).flatten(1)
             if out_logits is not None:
                 out_logits[:, tok_idx.flatten()] = win_logits.flatten(1, 2)
         return (self._shape(codes), self._shape(out_logits)) if return_logits else self._shape(codes)

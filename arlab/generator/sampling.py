@@ -16,19 +16,18 @@ default; arlab notes §3.7):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from arlab.errors import ConfigError
+from arlab.errors import ConfigError, did_you_mean
 
 CFG_SCHEDULES = ("constant", "linear", "half-linear", "cosine", "var")
 
 
 def check_schedule(name: str) -> None:
     if name not in CFG_SCHEDULES:
-        from arlab.errors import did_you_mean
-
         raise ConfigError(f"CFG schedule {name!r} does not exist; choose one of {', '.join(CFG_SCHEDULES)}."
                           f"{did_you_mean(name, CFG_SCHEDULES)}")
 
@@ -53,6 +52,27 @@ def cfg_weight(schedule: str, scale: float, step: int, steps: int) -> float:
 def is_guided(schedule: str, scale: float) -> bool:
     """Whether any step's weight differs from 1 (``var``: scale 0 is unguided; others: scale 1)."""
     return scale != (0.0 if schedule == "var" else 1.0)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance over ``steps`` decoding steps: whether the batch carries a null half, and the
+    per-step mix ``l_u + w(t)·(l_c − l_u)`` of the conditional (first) and null (second) halves."""
+
+    schedule: str
+    scale: float
+    steps: int
+
+    @property
+    def guided(self) -> bool:
+        return is_guided(self.schedule, self.scale)
+
+    def mix(self, logits: Tensor, step: int) -> Tensor:
+        """(2B, ...) conditional-then-null logits → (B, ...) guided logits; unguided logits pass through."""
+        if not self.guided:
+            return logits
+        lc, lu = logits.chunk(2)
+        return lu + cfg_weight(self.schedule, self.scale, step, self.steps) * (lc - lu)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

@@ -24,12 +24,16 @@ Raster: ``in_cells[j] = perm[j − 1]``, one input and one target per step, ``re
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from arlab.backbone.base import ARBITRARY, ATTENTION_STRUCTURES, BLOCK_CAUSAL, CAUSAL
 from arlab.errors import ConfigError
+from arlab.registry import register_kind
 
 
 @dataclass
@@ -57,6 +61,14 @@ class OrderPlan:
     def causal(self) -> bool:
         """True when the mask is plain causal (one input per step)."""
         return bool((self.in_step[1:] > self.in_step[:-1]).all())
+
+    @property
+    def attention(self) -> str:
+        """The attention structure the plan's mask has: causal, block_causal (every step feeds a contiguous run
+        of input slots) or arbitrary."""
+        if self.causal:
+            return CAUSAL
+        return BLOCK_CAUSAL if bool((self.in_step[1:] >= self.in_step[:-1]).all()) else ARBITRARY
 
     @property
     def mask(self) -> Tensor | None:
@@ -114,25 +126,49 @@ class OrderPlan:
                 assert int(self.in_cells[j]) == int(self.perm[t]), f"in_cells of input {j}"
 
 
-class Order(nn.Module):
+class Order(nn.Module, ABC):
     """Base class of ``order/*`` components: ``plan(layout)`` → :class:`OrderPlan` (cached per layout).
 
-    Class attributes: ``multiscale`` (None: one grid only; True: needs VAR's scales), ``heads``
-    (prediction heads), ``continuous`` (inputs from :meth:`token_inputs` instead of token
-    embeddings). :meth:`setup` is called once by the generator with the layout and width.
+    Declared by every order, as class attributes (read at config time, before anything is built):
+
+    * ``attention``: the attention structure its plan needs from a backbone (``causal``,
+      ``block_causal`` or ``arbitrary``; :mod:`arlab.backbone.base`); the plan is checked against it;
+    * ``multiscale``: None (one grid only) or True (needs VAR's scales from an msvq tokenizer);
+    * ``heads``: prediction heads (2: the second reads ``extra_layers`` more backbone layers, NAR);
+    * ``continuous``: inputs come from :meth:`token_inputs` / :meth:`step_inputs` (VAR's f̂) instead of
+      the generator's token embedding; such an order must implement :meth:`token_inputs`,
+      :meth:`start_sampling` and :meth:`step_inputs`, and receives the tokenizer's quantizer in
+      :meth:`setup` (``needs_quantizer``).
+
+    The generator calls :meth:`setup` once (layout, width, quantizer), then :meth:`plan`,
+    :meth:`input_bias`, :meth:`input_positions` and, for continuous orders, the three input methods.
     """
 
+    attention: str = CAUSAL
     multiscale: bool | None = None
     heads: int = 1
-    extra_layers: int = 0  # transformer layers before the second head (NAR)
+    extra_layers: int = 0  # backbone layers before the second head (NAR)
     continuous: bool = False
+    needs_quantizer: bool = False
+
+    _CONTINUOUS_METHODS = ("token_inputs", "start_sampling", "step_inputs")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.attention not in ATTENTION_STRUCTURES:
+            raise TypeError(f"{cls.__qualname__}.attention {cls.attention!r} is not one of {ATTENTION_STRUCTURES}")
+        if cls.continuous:
+            missing = [m for m in cls._CONTINUOUS_METHODS if getattr(cls, m) is getattr(Order, m)]
+            if missing:
+                raise TypeError(f"{cls.__qualname__} is a continuous order but does not implement {', '.join(missing)}")
 
     def __init__(self) -> None:
         super().__init__()
         self._plans: dict[tuple, OrderPlan] = {}
 
+    @abstractmethod
     def make_plan(self, layout) -> OrderPlan:
-        raise NotImplementedError
+        """The :class:`OrderPlan` of ``layout`` (called once per layout; :meth:`plan` caches and checks it)."""
 
     def check_layout(self, layout) -> None:
         name = getattr(self, "registry_key", type(self).__name__).split("/")[-1]
@@ -149,6 +185,10 @@ class Order(nn.Module):
             self.check_layout(layout)
             p = self.make_plan(layout)
             p.check()
+            needed = ATTENTION_STRUCTURES.index(p.attention)
+            if needed > ATTENTION_STRUCTURES.index(self.attention):
+                raise TypeError(f"{type(self).__qualname__} declares attention {self.attention!r} but its plan "
+                                f"needs {p.attention!r}; declare the larger structure")
             self._plans[key] = p
         return self._plans[key]
 
@@ -159,7 +199,24 @@ class Order(nn.Module):
         """Optional (L, d) additive embedding per input slot (VAR's level + position embeddings)."""
         return None
 
-    def rope_positions(self, layout, plan: OrderPlan) -> tuple[Tensor, Tensor]:
-        """(row, col) float (L,) of each input slot for the backbone's 2D RoPE (the cell of its input)."""
+    def input_positions(self, layout, plan: OrderPlan) -> tuple[Tensor, Tensor]:
+        """(row, col) float (L,) of each input slot for the backbone's position tables (the cell of its input)."""
         cells = plan.in_cells.clamp(min=0).to(layout.cell_row.device)
         return layout.cell_row[cells].float(), layout.cell_col[cells].float()
+
+    # ---------------------------------------------------------------- continuous orders (VAR) implement these
+    def token_inputs(self, codes_bn: Tensor) -> Tensor:
+        """Training: per-token inputs (B, N, d) for codes (B, N) (rows never fed may be anything)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a continuous order")
+
+    def start_sampling(self) -> Any:
+        """Sampling: a fresh per-call state for :meth:`step_inputs`."""
+        raise NotImplementedError(f"{type(self).__name__} is not a continuous order")
+
+    def step_inputs(self, state: Any, step: int, codes_bn: Tensor) -> tuple[Tensor, int]:
+        """Sampling: the per-token inputs (B, n, d) of decoding step ``step`` ≥ 1 from the tokens drawn so far
+        (``codes_bn`` (B, N)), and the token offset where they start."""
+        raise NotImplementedError(f"{type(self).__name__} is not a continuous order")
+
+
+register_kind("order", Order)

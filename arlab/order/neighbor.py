@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from arlab.backbone.base import ARBITRARY
 from arlab.errors import ConfigError
 from arlab.order.base import Order, OrderPlan
 from arlab.registry import register
@@ -34,6 +35,7 @@ from arlab.registry import register
 class Neighbor(Order):
     """NAR next-neighbour order: anti-diagonals in parallel (h+w−1 steps), proximity mask, right/lower heads."""
 
+    attention = ARBITRARY  # the proximity mask over a raster sequence is not block-causal
     heads = 2
 
     @dataclass

@@ -31,8 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from arlab.backbone.base import BLOCK_CAUSAL
 from arlab.errors import ConfigError
+from arlab.layers import no_weight_decay
 from arlab.order.base import Order, OrderPlan
+from arlab.quantizer.msvq import MultiScaleVQ
 from arlab.registry import register
 
 
@@ -40,8 +43,10 @@ from arlab.registry import register
 class NextScale(Order):
     """VAR next-scale order: one step per scale, block-causal mask, continuous f̂ inputs from the msvq tokenizer."""
 
+    attention = BLOCK_CAUSAL
     multiscale = True
     continuous = True
+    needs_quantizer = True
 
     @dataclass
     class Config:
@@ -72,7 +77,7 @@ class NextScale(Order):
 
     def setup(self, layout, dim: int, quantizer: nn.Module | None = None) -> None:
         self.check_layout(layout)
-        if quantizer is None or not hasattr(quantizer, "teacher_forcing_inputs"):
+        if not isinstance(quantizer, MultiScaleVQ):
             raise ConfigError("order next_scale needs the tokenizer's multi-scale quantizer (msvq) to build its "
                               "inputs; pass quantizer=tokenizer.quantizer (task/generator does this)")
         patch = [int(p) for p in quantizer.patch_nums]
@@ -89,8 +94,9 @@ class NextScale(Order):
         if self.cfg.level_embed:
             self.lvl_embed = nn.Embedding(len(patch), dim)
             nn.init.trunc_normal_(self.lvl_embed.weight, std=std)
+            no_weight_decay(self.lvl_embed.weight)  # VAR exempts its level and position embeddings
         if self.cfg.pos_embed:
-            self.pos_ld = nn.Parameter(torch.empty(layout.num_cells, dim))
+            self.pos_ld = no_weight_decay(nn.Parameter(torch.empty(layout.num_cells, dim)))
             nn.init.trunc_normal_(self.pos_ld, std=std)
 
     # ------------------------------------------------------------------------------ inputs
@@ -142,8 +148,8 @@ class NextScale(Order):
             bias = lvl if bias is None else bias + lvl
         return bias
 
-    def rope_positions(self, layout, plan: OrderPlan) -> tuple[Tensor, Tensor]:
-        rows, cols = super().rope_positions(layout, plan)
+    def input_positions(self, layout, plan: OrderPlan) -> tuple[Tensor, Tensor]:
+        rows, cols = super().input_positions(layout, plan)
         if self.cfg.rope == "grid":
             return rows, cols
         cells = plan.in_cells.clamp(min=0).to(layout.cell_scale.device)

@@ -8,6 +8,8 @@ Quantizer math runs in float32 even under bf16/fp16 autocast (bf16 rounding chan
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -121,3 +123,34 @@ class DeadCodeRestarts:
 
     def _restarted(self, dead_idx: Tensor, new_md: Tensor) -> None:
         """Hook: extra state to reset for restarted codes (the EMA statistics of ``vq``)."""
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul() -> Iterator[None]:
+    """Run float32 matmuls in full IEEE precision (no TF32 / bf16 shortcuts) inside the block.
+
+    ``torch.set_float32_matmul_precision("high")`` (often set for speed) lets cuBLAS / oneDNN use
+    TF32, whose 10-bit mantissa changes nearest-code decisions just as bf16 does.
+    """
+    backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
+                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    if not backends:  # torch < 2.9: only the legacy TF32 switch exists
+        legacy = torch.backends.cuda.matmul
+        old_tf32 = legacy.allow_tf32
+        try:
+            legacy.allow_tf32 = False
+            yield
+        finally:
+            legacy.allow_tf32 = old_tf32
+        return
+    saved = [(b, b.fp32_precision) for b in backends]
+    try:
+        for b, old in saved:
+            if old != "ieee":
+                b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, old in saved:
+            if b.fp32_precision != old:
+                b.fp32_precision = old

@@ -65,8 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arlab.errors import ConfigError
-from arlab.quantizer.base import DeadCodeRestarts, Quantizer, QuantOut, distributed, perplexity
-from arlab.quantizer.vq import _exact_fp32_matmul
+from arlab.quantizer.base import DeadCodeRestarts, Quantizer, QuantOut, distributed, exact_fp32_matmul, perplexity
 from arlab.registry import register
 
 # distances are computed for at most this many (position, code) pairs at once (64 MiB of float32)
@@ -255,7 +254,7 @@ class MultiScaleVQ(DeadCodeRestarts, Quantizer):
 
         n = z_NC.shape[0]
         rows = max(1, CHUNK_ELEMS // self.codebook_size)
-        with _exact_fp32_matmul():
+        with exact_fp32_matmul():
             if n <= rows:
                 return best(z_NC)
             return torch.cat([best(z_NC[s:s + rows]) for s in range(0, n, rows)])

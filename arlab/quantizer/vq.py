@@ -20,9 +20,7 @@ disabled: bf16 rounding of distances changes the chosen codes.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,42 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arlab.errors import ConfigError
-from arlab.quantizer.base import DeadCodeRestarts, Quantizer, QuantOut, distributed, perplexity
+from arlab.quantizer.base import DeadCodeRestarts, Quantizer, QuantOut, distributed, exact_fp32_matmul, perplexity
 from arlab.registry import register
 
 # distances are computed for at most this many (position, code) pairs at once (64 MiB of float32)
 CHUNK_ELEMS = 2**24
-
-
-@contextlib.contextmanager
-def _exact_fp32_matmul() -> Iterator[None]:
-    """Run float32 matmuls in full IEEE precision (no TF32 / bf16 shortcuts) inside the block.
-
-    ``torch.set_float32_matmul_precision("high")`` (often set for speed) lets cuBLAS / oneDNN use
-    TF32, whose 10-bit mantissa changes nearest-code decisions just as bf16 does.
-    """
-    backends = [b for b in (getattr(torch.backends.cuda, "matmul", None),
-                            getattr(getattr(torch.backends, "mkldnn", None), "matmul", None))
-                if b is not None and hasattr(b, "fp32_precision")]
-    if not backends:  # torch < 2.9: only the legacy TF32 switch exists
-        legacy = torch.backends.cuda.matmul
-        old_tf32 = legacy.allow_tf32
-        try:
-            legacy.allow_tf32 = False
-            yield
-        finally:
-            legacy.allow_tf32 = old_tf32
-        return
-    saved = [(b, b.fp32_precision) for b in backends]
-    try:
-        for b, old in saved:
-            if old != "ieee":
-                b.fp32_precision = "ieee"
-        yield
-    finally:
-        for b, old in saved:
-            if b.fp32_precision != old:
-                b.fp32_precision = old
 
 
 @register("quantizer", "vq")
@@ -176,7 +143,7 @@ class VectorQuantizer(DeadCodeRestarts, Quantizer):
     @staticmethod
     def _distances(z_nd: Tensor, e_kd: Tensor) -> Tensor:
         """Squared Euclidean distances (N, K) = ‖z‖² − 2 z·e + ‖e‖² (float32, exact matmul)."""
-        with _exact_fp32_matmul():
+        with exact_fp32_matmul():
             return z_nd.pow(2).sum(1, keepdim=True) - 2 * (z_nd @ e_kd.t()) + e_kd.pow(2).sum(1)
 
     @torch.no_grad()

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from einops import rearrange
 from torch import Tensor, nn
 
-from arlab.backbone.llama import RMSNorm
 from arlab.errors import ConfigError
+from arlab.layers import ResidualMLP
 from arlab.registry import register
 
 
@@ -34,22 +34,6 @@ def window_grid(codes_bhw: Tensor, s: int) -> Tensor:
 def grid_from_windows(win_bhwk: Tensor, s: int) -> Tensor:
     """Inverse of :func:`window_grid`: (B, h/s, w/s, s², ...) → (B, h, w, ...)."""
     return rearrange(win_bhwk, "b h w (s1 s2) ... -> b (h s1) (w s2) ...", s1=s, s2=s)
-
-
-class ResidualMLP(nn.Module):
-    """``x + W2 · GELU(W1 · RMSNorm(x))``, W2 zero-initialised (starts as the identity)."""
-
-    def __init__(self, dim: int, ratio: float):
-        super().__init__()
-        hidden = int(dim * ratio)
-        self.norm = RMSNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
 
 
 @register("shuffle", "window")

@@ -1,4 +1,1 @@
-"""Tasks: the LightningModules that train a component.
-
-task/tokenizer lives in arlab.tokenizer, task/generator in arlab.generator.
-"""
+"""Tasks: the LightningModules that train a component (``task/tokenizer``, ``task/generator``)."""

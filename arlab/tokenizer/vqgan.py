@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from arlab.config import build, validate_component
 from arlab.errors import ConfigError
 from arlab.quantizer.base import QuantOut
-from arlab.registry import build, register, slot
+from arlab.registry import register, slot
 
 
 def _validated(kind: str, node: Any) -> Any:
-    from arlab.config import validate_component
-
     return validate_component(kind, node)[1]
 
 

@@ -15,6 +15,7 @@ never leaves a folder that looks complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from arlab.data.shards import (
     write_manifest,
 )
 from arlab.errors import DataError
-from arlab.tokenizer.module import load_tokenizer
+from arlab.tokenizer.load import load_tokenizer
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -122,6 +123,5 @@ def _decoded_batches(root: Path, split: str, info: dict, decode: ImageDecoder, b
 
 def read_tokens(sample: dict[str, bytes]) -> np.ndarray:
     """The (L,) token array of a raw token-shard sample."""
-    import io
 
     return np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)

@@ -9,7 +9,7 @@ batches. Logs: losses, PSNR, SSIM, codebook usage and perplexity over a window (
 and image grids of inputs next to reconstructions.
 
 The checkpoint's hyper-parameters are the experiment's plain resolved config, so
-``load_tokenizer(path)`` rebuilds the tokenizer from the checkpoint alone.
+:func:`arlab.tokenizer.load.load_tokenizer` rebuilds the tokenizer from the checkpoint alone.
 """
 
 from __future__ import annotations
@@ -19,21 +19,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
+from arlab.config import build, validate_component
 from arlab.errors import ConfigError
 from arlab.metrics import CodebookUsage, psnr, ssim
-from arlab.registry import build, register
+from arlab.registry import register
+from arlab.schedules import warmup_cosine
+from arlab.task.base import Task
+from arlab.tokenizer import discriminator as D
+from arlab.tokenizer.discriminator import PatchGAN, PatchGANConfig
+from arlab.tokenizer.perceptual import PerceptualConfig, PerceptualLoss
 from arlab.tokenizer.vqgan import VQGANTokenizer
+from arlab.utils import pairs_grid
 
 log = logging.getLogger("arlab.tokenizer")
 
 
 @register("task", "tokenizer")
-class TokenizerModule(pl.LightningModule):
+class TokenizerModule(Task):
     """Train the experiment's tokenizer: reconstruction + quantizer (+ perceptual, + PatchGAN) losses."""
 
     @dataclass
@@ -77,13 +84,12 @@ class TokenizerModule(pl.LightningModule):
             if not exp.has("tokenizer"):
                 raise ConfigError("task 'tokenizer' needs a 'tokenizer' slot (e.g. tokenizer: shapes-vq)")
 
-    def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,
+                 meta: dict[str, Any] | None = None):
         super().__init__()
         if experiment is None:
             raise ConfigError("TokenizerModule needs the experiment config (experiment=...)")
         if cfg is None:  # rebuilt from a checkpoint's hyper-parameters
-            from arlab.config import validate_component
-
             cfg = validate_component("task", experiment["task"])[1]
         self.save_hyperparameters({"experiment": experiment})  # a plain dict: loads with weights_only
         self.cfg = cfg
@@ -92,13 +98,9 @@ class TokenizerModule(pl.LightningModule):
         self.tokens_per_sample = self.tokenizer.tokens_per_image
         self.disc = None
         if cfg.disc_weight > 0:
-            from arlab.tokenizer.discriminator import PatchGAN, PatchGANConfig
-
             self.disc = PatchGAN(PatchGANConfig(norm=cfg.disc_norm))
         self.perceptual = None
         if cfg.perceptual_weight > 0:
-            from arlab.tokenizer.perceptual import PerceptualConfig, PerceptualLoss
-
             net = PerceptualLoss(PerceptualConfig(network=cfg.perceptual_network,
                                                   weights_path=cfg.perceptual_weights_path))
             # not a registered submodule: its frozen weights come from weights_path, not checkpoints
@@ -107,7 +109,6 @@ class TokenizerModule(pl.LightningModule):
         self.val_usage = CodebookUsage(self.tokenizer.codebook_size)
         self._val_images: tuple[Tensor, Tensor] | None = None
         self.last_val: dict[str, float] = {}
-        self.last_val_step = -1  # global step of the last (non-sanity) validation
         self.last_train_usage: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ optim
@@ -134,8 +135,6 @@ class TokenizerModule(pl.LightningModule):
         return self.disc is not None and self.global_step >= self.cfg.disc_start
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        from arlab.tokenizer import discriminator as D
-
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -232,15 +231,11 @@ class TokenizerModule(pl.LightningModule):
         self.last_val.update({"val/usage": usage, "val/perplexity": ppl})
 
     def _log_pairs(self, tag: str, x: Tensor, xrec: Tensor) -> None:
-        exp = getattr(self.logger, "experiment", None)
-        if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
+        exp = self.tensorboard()
+        if exp is None:
             return
-        from torchvision.utils import make_grid
-
         n = min(self.cfg.n_log_images, x.shape[0])
-        pairs = torch.stack([x[:n], xrec[:n].float().clamp(-1, 1)], dim=1).flatten(0, 1)  # x0, r0, x1, r1...
-        grid = make_grid(pairs.detach().cpu().float().add(1).div(2), nrow=8, padding=1)
-        exp.add_image(tag, grid, self.global_step)
+        exp.add_image(tag, pairs_grid(x[:n], xrec[:n]), self.global_step, dataformats="HWC")
 
     def final_metrics(self) -> dict[str, float]:
         return {**self.last_train_usage, **self.last_val}
@@ -249,41 +244,6 @@ class TokenizerModule(pl.LightningModule):
         """``reconstructions.png``: validation inputs (odd columns) next to reconstructions (even)."""
         if self._val_images is None:
             return []
-        from torchvision.utils import save_image
-
-        x, xrec = self._val_images
-        pairs = torch.stack([x, xrec.float().clamp(-1, 1)], dim=1).flatten(0, 1).detach().cpu().float()
         path = Path(run) / "reconstructions.png"
-        save_image(pairs.add(1).div(2), path, nrow=8, padding=1)
+        Image.fromarray(pairs_grid(*self._val_images)).save(path)
         return [path]
-
-
-def warmup_cosine(warmup: int, total: int, schedule: str, floor: float):
-    """LR multiplier per step: linear warm-up over ``warmup`` steps, then constant or cosine to ``floor``."""
-    import math
-
-    warmup = max(1, warmup)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant" or total <= warmup:
-            return 1.0
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
-
-
-def load_tokenizer(path: str | Path, map_location: str = "cpu") -> VQGANTokenizer:
-    """The frozen tokenizer of a ``task/tokenizer`` checkpoint (eval mode, no gradients)."""
-    from arlab.train import read_task_checkpoint
-
-    ckpt, hp = read_task_checkpoint(path, "tokenizer", map_location)
-    exp = hp["experiment"]
-    tok: VQGANTokenizer = build("tokenizer", exp["tokenizer"])
-    state = {k.removeprefix("tokenizer."): v for k, v in ckpt["state_dict"].items() if k.startswith("tokenizer.")}
-    tok.load_state_dict(state)
-    tok.eval().requires_grad_(False)
-    tok.source_experiment = exp  # type: ignore[attr-defined]
-    return tok

@@ -1,0 +1,81 @@
+"""The task interface: what ``arlab train`` (:mod:`arlab.train`) calls on the LightningModule it trains.
+
+A task is built as ``cls(cfg, experiment=<resolved tree>, meta=<data_meta(...)>)`` and trained by a
+Lightning ``Trainer``; around that the trainer calls, and nothing else:
+
+* :meth:`Task.upstream` (class method, before anything is built): runs that must exist first, e.g. a
+  generator's tokenizer (``arlab train`` trains each missing one into its run directory);
+* :meth:`Task.data_meta` (class method, with the built DataModule): the plain-dict facts about the data
+  the model is sized by (vocabulary, grid, classes); stored in the checkpoint's hyper-parameters;
+* ``tokens_per_sample`` (for the tokens/s scalar) and ``last_val_step`` (whether the last step was
+  validated);
+* after training, on rank 0: :meth:`Task.evaluate` (end-of-run evaluation, e.g. sample metrics),
+  :meth:`Task.final_metrics` (added to ``metrics.json``) and :meth:`Task.save_artifacts`.
+
+Hyper-parameters saved with :meth:`save_hyperparameters` must be plain dicts (a DictConfig breaks
+``load_from_checkpoint`` with torch 2.14); arlab's tasks save ``{"experiment": tree, "meta": ...}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+from arlab.registry import register_kind
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A run another task needs: ``checkpoint`` is made by training ``experiment`` (with ``overrides``) into
+    the checkpoint's run directory when it does not exist."""
+
+    checkpoint: str
+    experiment: str
+    overrides: list[str] = field(default_factory=list)
+    what: str = "upstream run"  # for messages, e.g. "tokenizer"
+
+
+class Task(pl.LightningModule):
+    """Base class of ``task/*`` components (the hooks the trainer calls, with their defaults)."""
+
+    tokens_per_sample: int = 0  # tokens per training sample (0: no tokens/s scalar)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_val_step = -1  # global step of the last (non-sanity) validation
+
+    @classmethod
+    def upstream(cls, cfg: Any, experiment: Any) -> list[Upstream]:
+        """Runs to train before this one (default: none)."""
+        return []
+
+    @classmethod
+    def data_meta(cls, cfg: Any, datamodule: Any) -> dict[str, Any]:
+        """Facts about the data the model needs at build time (default: none)."""
+        return {}
+
+    def tensorboard(self) -> SummaryWriter | None:
+        """The run's TensorBoard writer on rank 0 (None without a TensorBoard logger, and on other ranks)."""
+        if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            return self.logger.experiment
+        return None
+
+    def evaluate(self) -> dict[str, float]:
+        """End-of-training evaluation on rank 0 (default: none)."""
+        return {}
+
+    def final_metrics(self) -> dict[str, float]:
+        """Extra numbers for ``metrics.json`` (default: none)."""
+        return {}
+
+    def save_artifacts(self, run: Path) -> list[Path]:
+        """Files written into the run directory at the end (default: none)."""
+        return []
+
+
+register_kind("task", Task)

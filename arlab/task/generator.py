@@ -1,0 +1,264 @@
+"""``task/generator``: trains the AR generator (raster, Token-Shuffle, VAR, NAR, ...) on token shards.
+
+AdamW (weight decay on ≥2-D weights not marked exempt, :mod:`arlab.layers`) with warm-up and cosine
+decay; bf16-mixed on GPU via ``trainer.precision``. Logs ``train/loss``, ``train/ce``,
+per-window-position CE (``train/ce_pos{k}``, Token-Shuffle), per-scale CE (VAR), tokens/s and
+images/s, validation CE, and every ``sample_every_n_steps`` a grid of samples decoded by the frozen
+tokenizer. After training, :meth:`GeneratorModule.evaluate` draws ``eval_samples`` images (balanced
+classes) and scores them with the ``eval_metrics`` (``metric/*``). The global RNG is reseeded from
+(seed, step, rank) before every step, so a resumed run reproduces the uninterrupted losses (data
+position and optimizer state come from the checkpoint).
+
+The tokenizer is an upstream run (:meth:`GeneratorModule.upstream`): ``arlab train`` trains
+``tokenizer_experiment`` into ``tokenizer_ckpt``'s run first when that checkpoint does not exist.
+Assembly and loading without Lightning: :mod:`arlab.generator.build`; sampling to files:
+:mod:`arlab.generator.sample`; scoring: :mod:`arlab.generator.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from arlab.backbone.base import check_serves
+from arlab.config import validate_component
+from arlab.data.stream import sample_seed
+from arlab.data.tokens import TokenDataModule
+from arlab.errors import ConfigError
+from arlab.generator.build import generator_from_meta
+from arlab.generator.evaluate import eval_conditions, score
+from arlab.generator.sample import generate_images
+from arlab.generator.sampling import check_schedule
+from arlab.layers import decay_groups
+from arlab.registry import get, register
+from arlab.schedules import warmup_cosine
+from arlab.task.base import Task, Upstream
+from arlab.tokenizer.load import load_tokenizer
+from arlab.tokenizer.vqgan import VQGANTokenizer
+from arlab.utils import image_grid
+
+log = logging.getLogger("arlab.generator")
+
+
+@register("task", "generator")
+class GeneratorModule(Task):
+    """Trains an AR generator (order, Token-Shuffle window, backbone, conditioner) on token shards."""
+
+    @dataclass
+    class Config:
+        tokenizer_ckpt: str = ""  # frozen tokenizer (decodes samples; its vocabulary and grid size the model)
+        tokenizer_experiment: str = ""  # trained into tokenizer_ckpt's run first when that file is missing
+        tokenizer_overrides: list[str] = field(default_factory=list)  # dotlist overrides for that training
+        vocab_size: int = 0  # 0 = the tokenizer's; otherwise must equal it
+        lr: float = 1e-3
+        betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # LlamaGen (0.9, 0.95)
+        weight_decay: float = 0.05  # on >=2-D weights not marked exempt (LlamaGen 0.05)
+        warmup_steps: int = 100
+        lr_schedule: str = "cosine"  # constant or cosine (to min_lr_ratio · lr)
+        min_lr_ratio: float = 0.1
+        grad_clip: float = 1.0
+        z_loss: float = 0.0  # PaLM z-loss weight on logsumexp² (Token-Shuffle's stabiliser; e.g. 1e-4)
+        token_dropout: float = 0.0  # dropout on the input sequence embeddings (LlamaGen 0.1)
+        sample_every_n_steps: int = 500  # sample grid to TensorBoard; 0 = never
+        n_sample_images: int = 20
+        sample_cfg: float = 2.0  # CFG scale of logged / evaluated samples
+        sample_schedule: str = "half-linear"  # constant, linear, half-linear, cosine, var (VAR: 1 + w·k/(S-1))
+        sample_temperature: float = 1.0
+        sample_top_k: int = 0
+        eval_samples: int = 200  # drawn at the end (balanced classes) and scored with eval_metrics; 0 = skip
+        eval_metrics: list[str] = field(default_factory=list)  # metric/* names, e.g. [shapes_checker]
+
+        def __post_init__(self) -> None:
+            if self.lr_schedule not in ("constant", "cosine"):
+                raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of constant, cosine")
+            check_schedule(self.sample_schedule)
+            if len(self.betas) != 2:
+                raise ConfigError(f"betas must be two numbers, got {self.betas}")
+
+        def check(self, exp) -> None:
+            """Config-time checks: slots present, the backbone serves the order, metrics fit the data."""
+            for slot in ("backbone", "data"):
+                if not exp.has(slot):
+                    raise ConfigError(f"task 'generator' needs a '{slot}' slot")
+            if not self.tokenizer_ckpt:
+                raise ConfigError("task.tokenizer_ckpt is empty: name the tokenizer checkpoint (and "
+                                  "task.tokenizer_experiment to train it when missing)")
+            tree = exp.tree
+            order = get("order", tree["order"]["type"]).cls if exp.has("order") else get("order", "raster").cls
+            bb = get("backbone", tree["backbone"]["type"])
+            check_serves(bb.cls, exp.config("backbone"), attention=order.attention, heads=order.heads,
+                         order_name=order.registry_key, backbone_name=bb.key)
+            for name in self.eval_metrics:
+                entry = get("metric", name, where="task.eval_metrics")
+                entry.cls.check_data(validate_component("metric", {"type": name})[1], tree["data"])
+
+    @classmethod
+    def upstream(cls, cfg: Config, experiment: Any) -> list[Upstream]:
+        if Path(cfg.tokenizer_ckpt).is_file():
+            return []
+        if not cfg.tokenizer_experiment:
+            raise ConfigError(f"tokenizer checkpoint '{cfg.tokenizer_ckpt}' does not exist and "
+                              "task.tokenizer_experiment is empty (name the experiment that trains it)")
+        return [Upstream(cfg.tokenizer_ckpt, cfg.tokenizer_experiment, list(cfg.tokenizer_overrides), "tokenizer")]
+
+    @classmethod
+    def data_meta(cls, cfg: Config, datamodule: Any) -> dict[str, Any]:
+        if not isinstance(datamodule, TokenDataModule):
+            raise ConfigError(f"task 'generator' trains on token shards (data: tokens), not on "
+                              f"{type(datamodule).__name__}")
+        tok = datamodule.tokenizer_meta
+        vocab = int(tok["vocab_size"])
+        if cfg.vocab_size and cfg.vocab_size != vocab:
+            raise ConfigError(f"task.vocab_size={cfg.vocab_size} does not match the tokenizer's vocabulary "
+                              f"{vocab} ({tok['checkpoint']}); set it to 0 or {vocab}")
+        side = int(tok["scales"][-1])
+        return {"vocab_size": vocab, "grid": [side, side], "scales": [int(p) for p in tok["scales"]],
+                "num_classes": datamodule.num_classes, "classes": datamodule.classes,
+                "dataset": datamodule.manifest["name"], "tokenizer_ckpt": str(Path(cfg.tokenizer_ckpt).resolve()),
+                "image_size": int(tok["image_size"])}
+
+    def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,
+                 meta: dict[str, Any] | None = None):
+        super().__init__()
+        if experiment is None or meta is None:
+            raise ConfigError("GeneratorModule needs the experiment config and the data meta (experiment=, meta=)")
+        self.cfg = cfg if cfg is not None else validate_component("task", experiment["task"])[1]
+        self.save_hyperparameters({"experiment": experiment, "meta": meta})  # plain dicts only
+        self.meta = meta
+        self.run_seed = int((experiment.get("run") or {}).get("seed", 0))
+        self._tokenizer: VQGANTokenizer | None = None
+        multiscale = len(meta.get("scales", [0])) > 1  # next-scale inputs come from the tokenizer's msvq
+        self.model = generator_from_meta(experiment, meta, self.cfg, self.tokenizer if multiscale else None)
+        self.tokens_per_sample = self.model.layout.num_tokens
+        self.last_val: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+        self._samples_png: np.ndarray | None = None
+
+    # ------------------------------------------------------------------------------ pieces
+    @property
+    def tokenizer(self) -> VQGANTokenizer:
+        """The frozen tokenizer (loaded on first use; not part of this module's state dict)."""
+        if self._tokenizer is None:
+            tok = load_tokenizer(self.meta["tokenizer_ckpt"], map_location="cpu").to(self.device)
+            object.__setattr__(self, "_tokenizer", tok)
+        return self._tokenizer.to(self.device)  # (no-op when already there; a bound msvq moves with the model)
+
+    def configure_optimizers(self):
+        c = self.cfg
+        # decay on >= 2-D weights except those a component marks exempt (VAR's level / position embeddings);
+        # a bound msvq is frozen
+        opt = torch.optim.AdamW(decay_groups(self.model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
+        total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, total, c.lr_schedule,
+                                                                     c.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.cfg.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+
+    def _codes(self, batch: dict[str, Any]) -> Tensor:
+        tokens = batch["tokens"]
+        n = self.model.layout.num_tokens
+        if tokens.shape[1] != n:
+            raise ValueError(f"token shards hold {tokens.shape[1]} tokens per image but the generator expects {n} "
+                             f"(scales {self.model.layout.scales})")
+        return tokens.long()
+
+    def _cond(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's condition: class labels, or caption ids for a text conditioner."""
+        return self.model.conditioner.from_batch(batch, self.meta["classes"])
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        codes = self._codes(batch)
+        cond = self.model.conditioner.drop(self._cond(batch))
+        out = self.model(codes, cond)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"non-finite generator loss {out.loss.item()} at step {self.global_step} "
+                                     f"(batch {batch_idx}, keys {batch['key'][:4]}...); the last good checkpoint "
+                                     "is kept")
+        b = codes.shape[0]
+        logs = {"train/loss": out.loss.detach(), "train/ce": out.ce.detach()}
+        if self.cfg.z_loss > 0:
+            logs["train/z_loss"] = out.z_loss.detach()
+        if out.ce_per_window_pos.numel() > 1:
+            logs.update({f"train/ce_pos{k}": v for k, v in enumerate(out.ce_per_window_pos)})
+        if out.ce_per_scale.numel() > 1:
+            logs.update({f"train/ce_scale{k}": v for k, v in enumerate(out.ce_per_scale)})
+        self.log_dict(logs, batch_size=b)
+        self.log("ce", out.ce.detach(), prog_bar=True, logger=False, batch_size=b)
+        n = self.cfg.sample_every_n_steps
+        if n and self.global_step > 0 and self.global_step % n == 0:
+            self._log_samples()
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model(self._codes(batch), self._cond(batch))
+        b = batch["tokens"].shape[0]
+        self.log("val/ce", out.ce, batch_size=b, sync_dist=True)
+        if out.ce_per_scale.numel() > 1:
+            self.log_dict({f"val/ce_scale{k}": v for k, v in enumerate(out.ce_per_scale)}, batch_size=b, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+        self.last_val = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed the global RNG from (run seed, step, rank) before every step: label dropout and dropout
+        then draw the same numbers whether the run was resumed or not (data-loader iterators and the
+        sanity check also consume the global RNG, so restoring a saved RNG state is not enough)."""
+        torch.manual_seed(sample_seed(self.run_seed, self.global_step, self.global_rank) % (2**63))
+
+    # ------------------------------------------------------------------------------ samples
+    def _sampling(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"cfg_scale": c.sample_cfg, "cfg_schedule": c.sample_schedule, "temperature": c.sample_temperature,
+                "top_k": c.sample_top_k}
+
+    def _log_samples(self) -> None:
+        tb = self.tensorboard()
+        if tb is None:
+            return
+        cond = eval_conditions(self.model.conditioner, self.meta, self.cfg.n_sample_images)[0]
+        images, _ = generate_images(self.model, self.tokenizer, cond, seed=self.global_step, **self._sampling())
+        tb.add_image("samples", image_grid(images, nrow=self.meta["num_classes"]), self.global_step, dataformats="HWC")
+
+    def evaluate(self) -> dict[str, float]:
+        """``eval_samples`` images with balanced classes, scored by ``eval_metrics``; kept for ``samples.png``."""
+        if self.cfg.eval_samples <= 0:
+            return {}
+        cond, labels, _ = eval_conditions(self.model.conditioner, self.meta, self.cfg.eval_samples)
+        images, rate = generate_images(self.model, self.tokenizer, cond, seed=1234, **self._sampling())
+        self.final = {"sample/images_per_s": rate, "sample/steps_per_image": float(self.model.steps_per_image)}
+        self.final.update(score(list(self.cfg.eval_metrics), images, labels.numpy(), self.meta))
+        k = self.meta["num_classes"]
+        self._samples_png = image_grid(images[: 10 * k], nrow=k)
+        tb = self.tensorboard()
+        if tb is not None:
+            tb.add_image("samples_final", self._samples_png, self.global_step, dataformats="HWC")
+            for key, v in self.final.items():
+                tb.add_scalar(key, v, self.global_step)
+        return self.final
+
+    def final_metrics(self) -> dict[str, float]:
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # a bound msvq is not counted
+        return {**self.last_val, **self.final, "model/params": float(n),
+                "model/backbone_params": float(sum(p.numel() for m in (self.model.backbone, self.model.branch)
+                                                   if m is not None for p in m.parameters()))}
+
+    def save_artifacts(self, run: Path) -> list[Path]:
+        """``samples.png``: one column per class (rows: different seeds)."""
+        if self._samples_png is None:
+            return []
+        path = Path(run) / "samples.png"
+        Image.fromarray(self._samples_png).save(path)
+        return [path]
