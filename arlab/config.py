@@ -34,15 +34,19 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arlab import registry
-from arlab.compose import (
+
+# re-exported: arlab.config is the public API for finding and loading experiments
+from arlab.compose import (  # noqa: F401
     CMDLINE,
     META_KEYS,
     Composer,
     Path_t,
     display,
+    experiments,
     find_experiment,
     load_with_bases,
     parse_overrides,
+    presets,
     search_roots,
 )
 from arlab.errors import ConfigError, did_you_mean, format_choices

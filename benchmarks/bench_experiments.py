@@ -22,7 +22,7 @@ import torch
 from common import timed, train_step_fn
 
 from arlab.config import load_experiment
-from arlab.generator.module import build_generator
+from arlab.generator.build import build_generator
 
 SETS = {"shapes": ["raster", "tokenshuffle-s2", "tokenshuffle-s4", "var", "nar", "text-tokenshuffle-s2"],
         "cifar10": ["raster", "tokenshuffle-s2", "tokenshuffle-s4", "var", "nar", "text-tokenshuffle-s2"]}

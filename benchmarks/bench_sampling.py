@@ -15,7 +15,7 @@ import json
 import torch
 from common import timed, train_step_fn
 
-from arlab.generator.module import build_generator
+from arlab.generator.build import build_generator
 
 
 def main() -> None:

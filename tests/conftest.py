@@ -1,4 +1,9 @@
-"""Shared fixtures: small image shard folders made on the fly, hygiene for torch state."""
+"""Shared fixtures: small image shard folders made on the fly, hygiene for torch state.
+
+The plug-ins of ``tests/plugins`` (a toy order, backbone and metric from outside the package) are loaded
+through ``ARLAB_PLUGINS`` before any test imports arlab's registry, so every registry-parametrized test
+checks them like arlab's own components.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from PIL import Image
 from arlab.data.shards import ShardWriter, add_split, new_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+os.environ["ARLAB_PLUGINS"] = os.pathsep.join(
+    [p for p in os.environ.get("ARLAB_PLUGINS", "").split(os.pathsep) if p] + [str(PLUGINS)])
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from arlab import config as C
-from arlab import registry
+from arlab import registry, rundir
 from arlab.errors import ConfigError
 
 # ----------------------------------------------------------------------------- a sandbox kind
@@ -221,7 +221,7 @@ def test_errors_in_files_name_the_file(lab):
 
 def test_run_dir_config_reproduces_the_experiment(lab, tmp_path):
     exp = C.load_experiment("g/exp", ["tkind.size=16", "run.dir=" + str(tmp_path / "run1")])
-    d = C.run_dir(exp)
+    d = rundir.run_dir(exp)
     saved = d / "config.yaml"
     assert saved.exists()
     again = C.load_experiment(str(saved))
@@ -231,20 +231,20 @@ def test_run_dir_config_reproduces_the_experiment(lab, tmp_path):
 
 def test_default_run_dir_is_under_runs(lab):
     exp = C.load_experiment("g/exp")
-    d = C.run_dir(exp)
+    d = rundir.run_dir(exp)
     assert d.parts[:3] == ("runs", "g", "exp") and (d / "config.yaml").exists()
 
 
 def test_metrics_are_flat_numbers(tmp_path):
     import torch
 
-    path = C.write_metrics(tmp_path, {"val": {"psnr": torch.tensor(28.5), "ok": True},
+    path = rundir.write_metrics(tmp_path, {"val": {"psnr": torch.tensor(28.5), "ok": True},
                                       "loss": 0.25, "name": "x", "nan": float("nan")})
     assert json.loads(path.read_text()) == {"loss": 0.25, "val/ok": 1, "val/psnr": 28.5}
 
 
 def test_registry_rejects_duplicates_and_missing_config(lab):
-    with pytest.raises(RuntimeError, match="already registered"):
+    with pytest.raises(ConfigError, match="registered twice"):
         @registry.register("tsub", "small")
         class Other:
             @dataclass
@@ -266,13 +266,13 @@ def test_params_are_introspected_with_help(lab):
 
 
 def test_build_validates_like_experiments(lab):
-    obj = registry.build("tsub", {"type": "big", "width": 3})
+    obj = C.build("tsub", {"type": "big", "width": 3})
     assert obj.cfg.width == 3 and obj.cfg.depth == 2
     with pytest.raises(ConfigError, match="tsub.wdth: unknown parameter of tsub/big"):
-        registry.build("tsub", {"type": "big", "wdth": 3})
+        C.build("tsub", {"type": "big", "wdth": 3})
     cfg = registry.get("tsub", "big").config(width=5)
-    assert registry.build("tsub", cfg).cfg is cfg
-    assert dataclasses.is_dataclass(registry.build("tsub", "small").cfg)
+    assert C.build("tsub", cfg).cfg is cfg
+    assert dataclasses.is_dataclass(C.build("tsub", "small").cfg)
 
 
 # ----------------------------------------------------------------------------- the real repo

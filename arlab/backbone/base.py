@@ -69,6 +69,7 @@ class Backbone(nn.Module, ABC):
     """Base class of ``backbone/*`` components (see the module docstring for the contract)."""
 
     dim: int  # model width d
+    registry_key: str = "backbone/<unregistered>"  # set by @register
 
     @classmethod
     @abstractmethod
@@ -123,7 +124,7 @@ def check_serves(backbone_cls: type[Backbone], backbone_cfg: Any, *, attention: 
                  cond_mode_needed: str | None = None, order_name: str = "", backbone_name: str = "") -> None:
     """A ConfigError, naming both components, when a backbone cannot serve an order's needs."""
     caps = backbone_cls.capabilities(backbone_cfg)
-    bname = backbone_name or getattr(backbone_cls, "registry_key", backbone_cls.__name__)
+    bname = backbone_name or backbone_cls.registry_key
     if attention not in caps.attention:
         hint = caps.notes.get(attention, "")
         raise ConfigError(f"order {order_name} needs {attention} attention, which backbone {bname} cannot honour "

@@ -26,6 +26,7 @@ from arlab.registry import register_kind
 class Conditioner(nn.Module, ABC):
     """Base class of ``conditioner/*`` components. Constructed as ``cls(cfg, dim=d, num_classes=K)``."""
 
+    registry_key: str = "conditioner/<unregistered>"  # set by @register
     prefix_len: int = 1  # P, prefix tokens per condition
     accepts_text: bool = False  # encode()/decode() captions
 
@@ -55,12 +56,12 @@ class Conditioner(nn.Module, ABC):
 
     def encode(self, prompts: list[str]) -> Tensor:
         """Captions → condition (text conditioners)."""
-        raise ConfigError(f"conditioner {getattr(self, 'registry_key', type(self).__name__)} is conditioned on "
+        raise ConfigError(f"conditioner {self.registry_key} is conditioned on "
                           "class labels, not text; give classes instead of prompts")
 
     def decode(self, cond: Tensor) -> list[str]:
         """Condition → captions (text conditioners)."""
-        raise ConfigError(f"conditioner {getattr(self, 'registry_key', type(self).__name__)} has no captions")
+        raise ConfigError(f"conditioner {self.registry_key} has no captions")
 
     def prompts_for_labels(self, labels_b: Tensor, classes: list[str] | None) -> tuple[Tensor, list[str] | None]:
         """The condition asking for ``labels_b`` and, for text conditioners, its prompts."""

@@ -100,7 +100,7 @@ class Generator(nn.Module):
         self.grid = None if self.layout.multiscale else self.layout.scales[0]
         self.z_loss_weight = z_loss
         check_serves(type(backbone), backbone.cfg, attention=order.attention, heads=order.heads,
-                     order_name=getattr(order, "registry_key", type(order).__name__))
+                     order_name=order.registry_key)
         d = backbone.dim
         order.setup(self.layout, d, quantizer)
         plan = order.plan(self.layout)

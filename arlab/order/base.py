@@ -144,6 +144,7 @@ class Order(nn.Module, ABC):
     :meth:`input_bias`, :meth:`input_positions` and, for continuous orders, the three input methods.
     """
 
+    registry_key: str = "order/<unregistered>"  # set by @register
     attention: str = CAUSAL
     multiscale: bool | None = None
     heads: int = 1

@@ -51,6 +51,10 @@ Where arlab differs (and why):
 
 Loading a VAR checkpoint: ``quantize.embedding.weight`` → ``embedding.weight`` and
 ``quantize.quant_resi.qresi_ls.{i}.{weight,bias}`` → ``phis.{i}.{weight,bias}`` (``share_quant_resi`` 4).
+
+Longer than 400 lines because the quantizer and the f̂ bookkeeping that VAR's next-scale order reuses
+(teacher-forcing inputs, the next autoregressive input, per-scale embedding) must be one piece of
+arithmetic: training, tokenizing and sampling then cannot drift apart.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from arlab.backbone.base import check_serves
-from arlab.config import validate_component
+from arlab.config import resolve_node, validate_component
 from arlab.data.stream import sample_seed
 from arlab.data.tokens import TokenDataModule
 from arlab.errors import ConfigError
@@ -96,8 +96,9 @@ class GeneratorModule(Task):
             check_serves(bb.cls, exp.config("backbone"), attention=order.attention, heads=order.heads,
                          order_name=order.registry_key, backbone_name=bb.key)
             for name in self.eval_metrics:
-                entry = get("metric", name, where="task.eval_metrics")
-                entry.cls.check_data(validate_component("metric", {"type": name})[1], tree["data"])
+                node = resolve_node("metric", name, source="task.eval_metrics")
+                entry, cfg = validate_component("metric", node, where="task.eval_metrics")
+                entry.cls.check_data(cfg, tree["data"])
 
     @classmethod
     def upstream(cls, cfg: Config, experiment: Any) -> list[Upstream]:

@@ -14,6 +14,7 @@ The checkpoint's hyper-parameters are the experiment's plain resolved config, so
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,10 @@ class TokenizerModule(Task):
             choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
                        "rec_loss": ("l1", "l2"), "disc_loss": ("hinge", "vanilla"),
                        "gen_loss": ("hinge", "non_saturating"), "disc_norm": ("batch", "group", "none")}
+            values = dataclasses.asdict(self)
             for key, valid in choices.items():
-                if getattr(self, key) not in valid:
-                    raise ConfigError(f"{key} {getattr(self, key)!r} is not one of {', '.join(valid)}")
+                if values[key] not in valid:
+                    raise ConfigError(f"{key} {values[key]!r} is not one of {', '.join(valid)}")
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
 
@@ -124,7 +126,7 @@ class TokenizerModule(Task):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _total_steps(self) -> int:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         return int(trainer.max_steps) if trainer is not None and trainer.max_steps > 0 else 0
 
     # ------------------------------------------------------------------------------ losses

@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from arlab.generator.layout import Layout
-from arlab.registry import build, get, names
+from arlab.config import build
+from arlab.registry import get, names
 
 CELL = 28
 

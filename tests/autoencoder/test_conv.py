@@ -13,6 +13,7 @@ import yaml
 
 from arlab import registry
 from arlab.autoencoder.conv import AttnBlock, ConvAutoencoder, Downsample, ResnetBlock, Upsample
+from arlab.config import build
 from arlab.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "registry" / "autoencoder"
@@ -22,7 +23,7 @@ SMALL = [p for p in PRESETS if p.stem not in LARGE]
 
 
 def build_preset(path: Path, code_dim: int = 8) -> ConvAutoencoder:
-    return registry.build("autoencoder", yaml.safe_load(path.read_text()), code_dim=code_dim)
+    return build("autoencoder", yaml.safe_load(path.read_text()), code_dim=code_dim)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -120,16 +121,16 @@ def test_decoder_output_is_not_clamped():
 @pytest.mark.parametrize("mult", [[1], [1, 1, 2, 2, 4, 4], []])
 def test_bad_ch_mult_is_a_config_error(mult):
     with pytest.raises(ConfigError, match=r"ch_mult") as e:
-        registry.build("autoencoder", {"type": "conv", "ch_mult": mult}, code_dim=8)
+        build("autoencoder", {"type": "conv", "ch_mult": mult}, code_dim=8)
     assert str(mult) in str(e.value)
 
 
 def test_channels_not_divisible_by_norm_groups():
     node = {"type": "conv", "ch": 48, "ch_mult": [1, 2], "norm_groups": 32}
     with pytest.raises(ConfigError, match="norm_groups") as e:
-        registry.build("autoencoder", node, code_dim=8)
+        build("autoencoder", node, code_dim=8)
     assert "48" in str(e.value)
-    registry.build("autoencoder", {**node, "norm_groups": 16}, code_dim=8)
+    build("autoencoder", {**node, "norm_groups": 16}, code_dim=8)
 
 
 def test_every_parameter_has_help_text():

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from arlab.backbone.llama import KVCache, Llama, apply_rope, find_multiple, rope_2d
-from arlab.config import presets
+from arlab.config import build, presets
 from arlab.errors import ConfigError
-from arlab.registry import build
 
 
 def make(**kw) -> Llama:
@@ -39,7 +38,7 @@ def test_presets_build_and_run(name):
     m = build("backbone", name)
     x = torch.randn(2, 9, m.dim)
     rows, cols = torch.arange(9) // 3, torch.arange(9) % 3
-    assert m(x, m.rope(rows, cols)).shape == (2, 9, m.dim)
+    assert m(x, m.position_tables(rows, cols)).shape == (2, 9, m.dim)
 
 
 def test_rope_2d_rotates_rows_and_columns_and_identity_for_prefix():
@@ -75,25 +74,23 @@ def test_causal_fast_path_equals_explicit_mask_and_kv_cache(kw):
     m = make(**kw).eval()
     b, n = 2, 7
     x = torch.randn(b, n, 64)
-    rope = m.rope(torch.arange(n), torch.arange(n) % 3)
+    rope = m.position_tables(torch.arange(n), torch.arange(n) % 3)
     cond = torch.randn(b, 64) if kw.get("cond_mode") == "adaln" else None
     full = m(x, rope, cond_bd=cond)
     mask = torch.ones(n, n, dtype=torch.bool).tril()
     assert torch.allclose(m(x, rope, mask=mask, cond_bd=cond), full, atol=1e-5)
-    m.setup_cache(b, n, torch.float32, torch.device("cpu"))
+    state = m.init_state(b, n, torch.float32, torch.device("cpu"))
     outs = []
     for t in range(n):  # one token at a time through the static cache
         pos = torch.tensor([t])
-        outs.append(m(x[:, t:t + 1], (rope[0][t:t + 1], rope[1][t:t + 1]), mask=mask[t:t + 1], pos_l=pos,
-                      cond_bd=cond))
-    m.clear_cache()
+        outs.append(m.step(x[:, t:t + 1], state, pos, (rope[0][t:t + 1], rope[1][t:t + 1]), mask[t:t + 1], cond))
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
 
 
 def test_later_tokens_do_not_change_earlier_outputs():
     m = make().eval()
     x = torch.randn(1, 6, 64)
-    rope = m.rope(torch.arange(6), torch.zeros(6, dtype=torch.long))
+    rope = m.position_tables(torch.arange(6), torch.zeros(6, dtype=torch.long))
     y = x.clone()
     y[:, 4:] = torch.randn(1, 2, 64)
     a, b = m(x, rope), m(y, rope)
@@ -122,7 +119,7 @@ def test_adaln_starts_as_plain_prenorm_and_uses_the_condition():
     torch.manual_seed(0)
     m = make(cond_mode="adaln").eval()
     x = torch.randn(2, 5, 64)
-    rope = m.rope(torch.arange(5), torch.arange(5))
+    rope = m.position_tables(torch.arange(5), torch.arange(5))
     c1, c2 = torch.randn(2, 64), torch.randn(2, 64)
     assert torch.allclose(m(x, rope, cond_bd=c1), m(x, rope, cond_bd=c2))  # zero-init modulation
     for b in m.blocks:

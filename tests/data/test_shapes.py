@@ -307,7 +307,7 @@ def test_ensure_shapes_race_without_lock(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr(shapes, "_Lock", NoLock)
+    monkeypatch.setattr(shapes, "FileLock", NoLock)
     root = tmp_path / "shapes"
     (root / "train").mkdir(parents=True)  # a stale folder both callers want to replace
     barrier = threading.Barrier(3)

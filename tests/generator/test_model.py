@@ -10,11 +10,12 @@ import torch
 from arlab.backbone.llama import Llama
 from arlab.conditioner.label import ClassConditioner
 from arlab.conditioner.text import TextConditioner
+from arlab.config import build
 from arlab.errors import ConfigError
 from arlab.generator.model import Generator
 from arlab.generator.sampling import CFG_SCHEDULES
 from arlab.quantizer.msvq import MultiScaleVQ
-from arlab.registry import build, get, names
+from arlab.registry import get, names
 from arlab.shuffle.window import TokenShuffle
 
 GRID = (8, 8)

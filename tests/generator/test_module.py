@@ -13,7 +13,8 @@ import yaml
 
 from arlab.config import load_experiment
 from arlab.errors import ConfigError
-from arlab.generator.module import load_generator, sample_to_files
+from arlab.generator.build import load_generator
+from arlab.generator.sample import sample_to_files
 from arlab.train import fit
 
 
@@ -36,7 +37,8 @@ def generator_body(tmp: Path, ckpt: Path, tok_exp: Path, run: str, shuffle: int 
                      "batch_size": 16, "num_workers": 0, "shuffle_buffer": 64},
             "backbone": "tiny", "order": "raster", "shuffle": f"s{shuffle}", "conditioner": "class",
             "task": {"type": "generator", "tokenizer_ckpt": str(ckpt), "tokenizer_experiment": str(tok_exp),
-                     "lr": 1e-3, "warmup_steps": 2, "sample_every_n_steps": 0, "eval_samples": 20},
+                     "lr": 1e-3, "warmup_steps": 2, "sample_every_n_steps": 0, "eval_samples": 20,
+                     "eval_metrics": ["shapes_checker"]},
             "trainer": {"max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
                         "limit_val_batches": 1, "checkpoint_every_n_steps": steps, "enable_progress_bar": False,
                         "log_every_n_steps": 1},
@@ -123,11 +125,11 @@ def test_generator_config_errors_before_work(chain, tmp_path):
     tmp, ckpt, tok_exp, _, _ = chain
     body = generator_body(tmp, ckpt, tok_exp, "bad")
     body["task"]["vocab_size"] = 512
-    from arlab.generator.module import GeneratorModule
+    from arlab.task.generator import GeneratorModule
 
     exp = load_experiment(write(tmp_path / "v.yaml", body))
     with pytest.raises(ConfigError, match="task.vocab_size=512 does not match the tokenizer's vocabulary 1000"):
-        GeneratorModule(exp.config("task"), experiment=exp.tree)
+        GeneratorModule.data_meta(exp.config("task"), exp.build("data", seed=0))
     body = generator_body(tmp, ckpt, tok_exp, "bad")
     body["task"]["sample_schedule"] = "cosin"
     with pytest.raises(ConfigError, match="CFG schedule 'cosin' does not exist.*Did you mean 'cosine'"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arlab.config import build
 from arlab.errors import ConfigError
 from arlab.generator.layout import Layout
-from arlab.registry import build, get, names
+from arlab.registry import get, names
 
 ORDERS = names("order")
 GRIDS = [[(1, 1)], [(2, 2)], [(4, 4)], [(8, 8)], [(4, 2)]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from arlab import registry
+from arlab.config import build
 from arlab.errors import ConfigError
 from arlab.quantizer.fsq import FSQ
 
@@ -155,7 +155,7 @@ def test_invalid_levels_raise_config_error(levels, match):
     with pytest.raises(ConfigError, match=match):
         FSQ.Config(levels=levels)
     with pytest.raises(ConfigError, match=match):  # and through the registry, as from a YAML file
-        registry.build("quantizer", {"type": "fsq", "levels": levels})
+        build("quantizer", {"type": "fsq", "levels": levels})
 
 
 def test_no_parameters_and_no_state():
@@ -200,7 +200,7 @@ def test_preset_builds_and_runs(path):
     text = path.read_text()
     assert text.startswith("#"), f"{path.name}: the first line should be a comment saying what it is"
     node = yaml.safe_load(text)
-    q = registry.build("quantizer", node)
+    q = build("quantizer", node)
     assert isinstance(q, FSQ)
     assert q.codebook_size == math.prod(node["levels"]) and q.code_dim == len(node["levels"])
     out = q(torch.randn(2, q.code_dim, 4, 4))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from arlab import registry
+from arlab.config import build
 from arlab.errors import ConfigError
 from arlab.quantizer import msvq as msvq_module
 from arlab.quantizer.base import perplexity
@@ -117,7 +117,7 @@ def test_preset_index_maps_per_scale(name):
     text = path.read_text()
     assert text.startswith("#"), f"{path.name}: the first line should be a comment saying what it is"
     node = yaml.safe_load(text)
-    q = registry.build("quantizer", node).eval()
+    q = build("quantizer", node).eval()
     assert isinstance(q, MultiScaleVQ) and q.multiscale
     pn = node["patch_nums"]
     assert (q.codebook_size, q.code_dim, q.patch_nums) == (node["codebook_size"], node["code_dim"], pn)
@@ -135,7 +135,7 @@ def test_var_preset_is_faithful():
     node = _preset("msvq-var")
     assert node["codebook_size"] == 4096 and node["code_dim"] == 32 and node["patch_nums"] == VAR_PN
     assert node["beta"] == 0.25 and node["phi_k"] == 4 and node["phi_ratio"] == 0.5 and not node["l2_norm"]
-    q = registry.build("quantizer", node)
+    q = build("quantizer", node)
     assert sum(q.scale_lengths) == 680  # VAR 256px: L = 680
     assert _preset("msvq-8x8")["patch_nums"] == [1, 2, 3, 4, 6, 8]
     assert _preset("msvq-16x16-small")["patch_nums"] == VAR_PN
@@ -437,8 +437,8 @@ def test_bad_configs_raise_config_error(kw, match):
 
 def test_registry_build_validates():
     with pytest.raises(ConfigError, match="latent_size"):
-        registry.build("quantizer", {"type": "msvq", "patch_nums": [1, 2, 4], "latent_size": 16})
-    q = registry.build("quantizer", {"type": "msvq", "codebook_size": 16, "code_dim": 4,
+        build("quantizer", {"type": "msvq", "patch_nums": [1, 2, 4], "latent_size": 16})
+    q = build("quantizer", {"type": "msvq", "codebook_size": 16, "code_dim": 4,
                                      "patch_nums": [1, 2, 4], "latent_size": 4, "phi_k": 1})
     assert q.latent_size == 4 and q.phi_indices == [0, 0, 0]
 

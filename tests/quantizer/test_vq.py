@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from arlab import registry
+from arlab.config import build
 from arlab.errors import ConfigError
 from arlab.quantizer import vq as vq_module
+from arlab.quantizer.base import exact_fp32_matmul
 from arlab.quantizer.vq import VectorQuantizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,7 +336,7 @@ def test_tf32_matmuls_are_off_during_the_lookup_and_restored_after():
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # what speed-minded users set (TF32 on Ampere+)
     try:
-        with vq_module._exact_fp32_matmul():
+        with exact_fp32_matmul():
             if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
                 assert torch.backends.cuda.matmul.fp32_precision == "ieee"
             else:
@@ -396,7 +397,7 @@ def test_invalid_config_raises_config_error(kw, match):
     with pytest.raises(ConfigError, match=match):
         VectorQuantizer.Config(**kw)
     with pytest.raises(ConfigError, match=match):
-        registry.build("quantizer", {"type": "vq", **kw})
+        build("quantizer", {"type": "vq", **kw})
 
 
 def test_wrong_channel_count_is_a_clear_error():
@@ -463,7 +464,7 @@ def _presets(kind_type: str) -> list[Path]:
 
 def test_llamagen_preset_is_faithful():
     node = yaml.safe_load((REPO / "registry" / "quantizer" / "vq-16384-l2.yaml").read_text())
-    cfg = registry.build("quantizer", node).cfg
+    cfg = build("quantizer", node).cfg
     assert (cfg.codebook_size, cfg.code_dim, cfg.l2_norm, cfg.beta, cfg.ema, cfg.entropy_weight) == (
         16384, 8, True, 0.25, False, 0.0)
 
@@ -473,7 +474,7 @@ def test_preset_builds_and_runs(path):
     text = path.read_text()
     assert text.startswith("#"), f"{path.name}: the first line should be a comment saying what it is"
     node = yaml.safe_load(text)
-    q = registry.build("quantizer", node)
+    q = build("quantizer", node)
     assert isinstance(q, VectorQuantizer)
     assert (q.codebook_size, q.code_dim) == (node["codebook_size"], node["code_dim"])
     for mode in (q.train, q.eval):

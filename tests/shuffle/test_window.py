@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arlab.config import presets
+from arlab.config import build, presets
 from arlab.errors import ConfigError
-from arlab.registry import build
 from arlab.shuffle.window import TokenShuffle, grid_from_windows, window_grid
 
 

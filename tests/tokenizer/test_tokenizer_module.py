@@ -10,12 +10,11 @@ import pytest
 import torch
 import yaml
 
-from arlab.config import load_experiment, presets
+from arlab.config import build, load_experiment, presets
 from arlab.data.shards import iter_shard, read_manifest
+from arlab.data.tokenize import read_tokens, tokenize_shards
 from arlab.errors import ConfigError, DataError
-from arlab.registry import build
-from arlab.tokenizer.module import load_tokenizer
-from arlab.tokenizer.tokenize import read_tokens, tokenize_shards
+from arlab.tokenizer.load import load_tokenizer
 from arlab.train import fit
 
 SMALL = [n for n in presets("tokenizer") if not n.startswith("llamagen")]
@@ -102,7 +101,7 @@ def test_checkpoint_reload_gives_the_same_tokenizer(trained):
     tmp, exp, _ = trained
     ckpt = Path(exp.run.dir) / "checkpoints" / "last.ckpt"
     tok = load_tokenizer(ckpt)
-    from arlab.tokenizer.module import TokenizerModule
+    from arlab.task.tokenizer import TokenizerModule
 
     module = TokenizerModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -193,7 +192,7 @@ def test_gan_and_perceptual_terms_join_at_disc_start(tmp_path, arlab_cache):
                          "perceptual_network": "random", "log_images_every_n_steps": 0})
     body["trainer"]["limit_val_batches"] = 1
     exp = load_experiment(write_exp(tmp_path, "gan", body))
-    from arlab.tokenizer.module import TokenizerModule
+    from arlab.task.tokenizer import TokenizerModule
 
     module = TokenizerModule(exp.config("task"), experiment=exp.tree)
     d0 = [p.detach().clone() for p in module.disc.parameters()]
