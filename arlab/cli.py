@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from arlab import __version__
-from arlab.errors import ArlabError
+from arlab.errors import ArlabError, Interrupted
 
 EPILOG = {
     "list": """examples:
@@ -169,7 +169,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     for split, info in m["splits"].items():
         print(f"{split}: {info['count']} token sequences of {m['tokenizer']['tokens_per_image']} tokens "
-              f"({info['samples_per_s']:.0f} samples/s)")
+              f"({m['samples_per_s'][split]:.0f} samples/s)")
     if m["corrupt"]:
         print(f"skipped {len(m['corrupt'])} corrupt image(s) (listed in {args.out}/dataset.json)")
     return 0
@@ -202,6 +202,8 @@ def cmd_data_pack(args: argparse.Namespace) -> int:
     total = sum(s["count"] for s in m["splits"].values())
     for split, info in m["splits"].items():
         print(f"{split}: {info['count']} samples in {len(info['shards'])} shards")
+    for w in m.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     bad = m.get("corrupt", [])
     if bad:
         print(f"skipped {len(bad)} corrupt or unreadable file(s) (listed in {args.out}/dataset.json):")
@@ -350,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArlabError as e:
         if os.environ.get("ARLAB_DEBUG"):
             raise
-        print(f"arlab: error: {e}", file=sys.stderr)
+        print(f"arlab: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("arlab: interrupted", file=sys.stderr)

@@ -204,9 +204,9 @@ class Experiment:
         entry = registry.get(kind, self.tree[kind]["type"])
         return entry.cls(cfg, *args, **runtime)
 
-    def to_yaml(self, annotate: bool = False) -> str:
+    def to_yaml(self, annotate: bool = False, tree: dict[str, Any] | None = None) -> str:
         if not annotate:
-            return yaml.dump(self.tree, Dumper=_BlockDictsFlowLists, sort_keys=False, width=100)
+            return yaml.dump(tree or self.tree, Dumper=_BlockDictsFlowLists, sort_keys=False, width=100)
         return _annotated_yaml(self.tree, self.provenance)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -357,6 +357,8 @@ def load_experiment(ref: str | os.PathLike, overrides: list[str] | None = None) 
         raise ConfigError(f"{key}: interpolation failed ({composer.where(tuple(key.split('.')))}): "
                           f"{_type_error_message(e)}") from None
     assert isinstance(resolved, dict)
+    if path.name == "config.yaml" and resolved["run"].get("dir") == ".":
+        resolved["run"]["dir"] = str(path.parent)  # a run's config.yaml: the run is the folder holding it
     order = ["name", "description", "run", "trainer"]
     resolved = {k: resolved[k] for k in order if k in resolved} | {
         k: v for k, v in resolved.items() if k not in order}

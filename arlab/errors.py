@@ -25,6 +25,12 @@ class DataError(ArlabError):
     """An input dataset, shard folder or manifest that cannot be used."""
 
 
+class Interrupted(ArlabError):
+    """The user stopped a command (Ctrl-C); the message says how to continue."""
+
+    exit_code = 130
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` when nothing is close."""
     close = difflib.get_close_matches(str(name), sorted(set(map(str, choices))), n=1, cutoff=0.6)

@@ -6,11 +6,18 @@ A run directory (``runs/<experiment>/<time>`` unless ``run.dir`` names one) hold
     checkpoints/last.ckpt    resumable (model, optimizers, data position, RNG); plus step-N.ckpt
     tb/                      TensorBoard scalars and image grids
     metrics.json             final metrics, flat keys, numbers only
+    .lock                    held by the ``arlab train`` writing it (a second one is refused)
+
+Run directories tell the truth: ``config.yaml`` stores ``run.dir: .`` (the folder holding it), so a
+copied or moved run resumes where it is; resuming with a config that differs from the saved one is
+refused with the differing keys listed (a new ``run.dir`` starts a new run); files are written
+atomically.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
@@ -19,19 +26,113 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from arlab.errors import ConfigError
+from arlab.utils import atomic_write
+
+CONFIG = "config.yaml"
+# keys that may differ when a run is resumed: they do not change what trains
+RESUMABLE_CHANGES = ("run.dir", "run.resume", "trainer.enable_progress_bar", "description")
 
 
-def run_dir(exp: Any) -> Path:
-    """The run directory of experiment ``exp`` (created), with its resolved ``config.yaml`` written into it."""
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old → new`` for every key whose value differs (keys in RESUMABLE_CHANGES excepted)."""
+    a, b = _flat(saved), _flat(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+def has_checkpoints(run: Path) -> bool:
+    return any((run / "checkpoints").glob("*.ckpt"))
+
+
+def planned_run_dir(exp: Any) -> Path:
+    """The run directory ``exp`` will use (``run.dir``, else ``runs/<experiment>/<time>``; set in ``exp``);
+    nothing is created."""
     d = exp.run.dir or os.path.join("runs", exp.name, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     exp.run.dir = d
     exp.tree["run"]["dir"] = d
     path = Path(d)
-    path.mkdir(parents=True, exist_ok=True)
-    exp.save(path / "config.yaml")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.dir '{d}' exists and is not a directory")
     return path
+
+
+def run_dir(exp: Any) -> Path:
+    """The run directory of experiment ``exp`` (created), with its resolved ``config.yaml`` written into it.
+
+    An existing run directory with checkpoints is only reused by the experiment it holds: a config that
+    differs (other than :data:`RESUMABLE_CHANGES`) is refused with the differing keys, before anything
+    is written."""
+    path = planned_run_dir(exp)
+    d = exp.run.dir
+    saved_path = path / CONFIG
+    if saved_path.is_file() and has_checkpoints(path):
+        try:
+            saved = yaml.safe_load(saved_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved_path} is not readable YAML ({e}); this run directory cannot be resumed: "
+                              "choose another run.dir") from None
+        diff = config_differences(saved or {}, exp.tree)
+        if diff:
+            more = "; ..." if len(diff) > 8 else ""
+            raise ConfigError(f"run directory '{d}' holds a run with another config ({'; '.join(diff[:8])}{more}): "
+                              f"resume it unchanged with 'arlab train {saved_path}', or give a new run.dir for a new "
+                              "run")
+        if exp.run.resume == "never":
+            raise ConfigError(f"run.resume=never would train from scratch over the checkpoints in '{d}'; give a new "
+                              "run.dir for a new run (or resume: auto)")
+    path.mkdir(parents=True, exist_ok=True)
+    tree = json.loads(json.dumps(exp.tree))
+    tree["run"]["dir"] = "."  # the folder holding config.yaml: the run moves with its folder
+    atomic_write(saved_path, f"# resolved config of experiment {exp.name} (arlab; resume or reproduce with "
+                             f"'arlab train {saved_path}')\n" + exp.to_yaml(tree=tree))
+    return path
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while ``arlab train`` writes it: a second writer is
+    refused in one line naming the holder's pid (the lock goes with the process, even when killed)."""
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"run directory '{self.path.parent}' is in use by another arlab train (pid {holder}); "
+                              "wait for it to finish or give another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def run_of_checkpoint(ckpt: str | os.PathLike) -> Path:
@@ -59,9 +160,8 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 def write_metrics(run: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
     """``<run>/metrics.json``: the flattened numeric metrics, sorted keys."""
-    path = Path(run) / "metrics.json"
-    path.write_text(json.dumps(flatten_metrics(metrics), indent=2, sort_keys=True) + "\n")
-    return path
+    text = json.dumps(flatten_metrics(metrics), indent=2, sort_keys=True) + "\n"
+    return atomic_write(Path(run) / "metrics.json", text)
 
 
 def read_task_checkpoint(path: str | os.PathLike, task: str, map_location: str = "cpu") -> tuple[dict, dict[str, Any]]:

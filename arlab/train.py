@@ -12,6 +12,7 @@ task's :meth:`~arlab.task.base.Task.evaluate`, ``metrics.json`` and its artifact
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +24,9 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from arlab.config import Experiment, load_experiment
-from arlab.errors import ConfigError
+from arlab.errors import ConfigError, Interrupted
 from arlab.registry import get
-from arlab.rundir import run_dir, run_of_checkpoint, write_metrics
+from arlab.rundir import RunLock, planned_run_dir, run_dir, run_of_checkpoint, write_metrics
 from arlab.task.base import Task, Upstream
 
 log = logging.getLogger("arlab.train")
@@ -71,8 +72,10 @@ def resume_path(exp: Experiment, run: Path) -> str | None:
 
 def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     t = exp.trainer
+    # no version counter: a last.ckpt from elsewhere is replaced, never shadowed by a last-v1.ckpt
     ckpt = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step}", save_last=True, save_top_k=-1,
-                           every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False)
+                           every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False,
+                           enable_version_counter=False)
     logger = TensorBoardLogger(save_dir=str(run), name="", version="tb", default_hp_metric=False)
     cbs: list[pl.Callback] = [ckpt, LearningRateMonitor(logging_interval="step"), Throughput()]
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -93,11 +96,17 @@ def train_upstream(up: Upstream, exp: Experiment) -> None:
 
 def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Train ``exp`` to ``trainer.max_steps`` (after its missing upstream runs); returns the final metrics
-    (also in metrics.json)."""
+    (also in metrics.json). The run directory is locked while it trains; Ctrl-C raises
+    :class:`~arlab.errors.Interrupted` naming the command that resumes the run."""
     if not exp.has("task"):
         raise ConfigError(f"experiment '{exp.name}' has no 'task' (what to train: e.g. task: tokenizer)")
     if not exp.has("data"):
         raise ConfigError(f"experiment '{exp.name}' has no 'data'")
+    with RunLock(planned_run_dir(exp)):
+        return _fit_locked(exp, callbacks)
+
+
+def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[str, Any]:
     task_cls = get("task", exp.tree["task"]["type"]).cls
     task_cfg = exp.config("task")
     run = run_dir(exp)
@@ -113,9 +122,15 @@ def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str
         log.info("resuming from %s", ckpt_path)
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit:  # Lightning exits(1) after a graceful shutdown on Ctrl-C
+            if not trainer.interrupted:
+                raise
         if trainer.interrupted:
-            raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
+            raise Interrupted(f"interrupted at step {trainer.global_step}; resume with: arlab train "
+                              f"{run / 'config.yaml'}")
         wall = time.perf_counter() - t0
         validated_last = module.last_val_step == trainer.global_step
         if datamodule.val_dataloader() != [] and trainer.limit_val_batches and not validated_last:

@@ -1,14 +1,21 @@
-"""Small shared utilities: image grids and file locks (no arlab imports beyond errors)."""
+"""Small shared utilities: image grids, file locks, and outputs that appear complete or not at all."""
 
 from __future__ import annotations
 
 import fcntl
+import io
 import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 
@@ -56,3 +63,108 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+
+_TMP, _OLD = "tmp", "old"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftovers(out: Path, tag: str) -> list[tuple[Path, int]]:
+    """``.{name}.{tag}-{pid}-{id}`` siblings of ``out`` with their pid."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.{tag}-*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.{tag}-(\d+)-[0-9a-f]+", p.name)
+        if m:
+            found.append((p, int(m.group(1))))
+    return found
+
+
+def clean_leftovers(out: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of ``out`` left beside it (their process is gone): half-built ``.tmp``
+    folders, and ``.old`` copies once ``out`` exists (a writer killed between its two renames leaves
+    ``out`` missing and its ``.old`` copy: that copy is put back). Returns the paths removed or restored."""
+    out = Path(out)
+    done: list[Path] = []
+    for tag in (_OLD, _TMP):
+        for p, pid in _leftovers(out, tag):
+            if _pid_alive(pid) and pid != os.getpid():
+                continue
+            if tag == _OLD and not out.exists():
+                os.replace(p, out)  # the previous complete output: restore it
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            done.append(p)
+    return done
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Build the folder ``out`` in a hidden sibling and make it appear complete in one step.
+
+    Yields the build folder. On success the old ``out`` (if any) is renamed aside, the new one renamed
+    into place and the old one deleted: ``out`` is always either the old complete folder or the new
+    complete one, never a mixture. On an exception the build folder is removed; if the process is
+    killed, the next writer of ``out`` removes it (:func:`clean_leftovers`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
+    tmp = _sibling(out, _TMP)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists() or out.is_symlink():
+        old = _sibling(out, _OLD)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, out)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a file so that it appears complete or not at all (temporary sibling, then rename)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def same_or_nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths are the same folder or one lies inside the other (after resolving links)."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def png_bytes(image_hwc: np.ndarray) -> bytes:
+    """A uint8 (H, W, 3) image as PNG bytes (for :func:`atomic_write`)."""
+    buf = io.BytesIO()
+    Image.fromarray(image_hwc).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """Arrays as the bytes of an ``.npz`` file (for :func:`atomic_write`)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from arlab.data.images import to_rgb
 from arlab.data.pack import pack_imagefolder
 from arlab.data.shapes import ensure_shapes
 from arlab.data.shards import IMAGE_EXTS, MANIFEST, read_manifest
@@ -65,7 +66,8 @@ class ImageDecoder:
             if ext is None:
                 raise ValueError("no image member")
             with Image.open(io.BytesIO(sample[ext])) as im:
-                im = im.convert("RGB")
+                im.load()
+                im = Image.fromarray(to_rgb(im))  # orientation, 16-bit grey, transparency (data/images.py)
             label = int(sample["cls"]) if "cls" in sample else -1
         except Exception as e:  # noqa: BLE001 -- any decode failure means a corrupt sample
             log.debug("corrupt sample %s (%s): %s", key, sample.get("__url__", "?"), e)

@@ -49,15 +49,18 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from arlab.data.images import decode_rgb
 from arlab.data.shards import (
     IMAGE_EXTS,
     MANIFEST,
     ShardWriter,
     add_split,
     new_manifest,
+    read_manifest,
     write_manifest,
 )
 from arlab.errors import DataError, did_you_mean, format_choices
+from arlab.utils import atomic_dir, same_or_nested
 
 __all__ = ["pack_imagefolder"]
 
@@ -69,6 +72,9 @@ _HANDLE = tuple[str, int, int]  # (file, offset, size); size -1 = the whole file
 
 
 # ----------------------------------------------------------------------------- input listing
+
+
+KNOWN_SPLITS = frozenset({"train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval"})
 
 
 def _skip_name(rel: str) -> bool:
@@ -167,8 +173,8 @@ def _strip_common_root(files: dict[str, _HANDLE]) -> dict[str, _HANDLE]:
     if not images:
         return files
     tops = {p.split("/", 1)[0] for p in images}
-    if len(tops) != 1 or any(p.count("/") < 3 for p in images):
-        return files
+    if len(tops) != 1 or any(p.count("/") < 3 for p in images) or next(iter(tops)).lower() in KNOWN_SPLITS:
+        return files  # (a lone split folder such as train/ is the split, not a wrapper: train/cat/sub/x.jpg)
     prefix = tops.pop() + "/"
     return {p[len(prefix):]: h for p, h in files.items() if p.startswith(prefix)}
 
@@ -206,11 +212,7 @@ def _decode_one(data: bytes | None) -> tuple[int, int] | str:
     if not data:
         return "empty file (0 bytes)"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decodes every pixel: truncated files fail here
-            if im.mode != "RGB":
-                im.convert("RGB")  # what the data loader does with it
-            w, h = im.size
+        h, w, _ = decode_rgb(data).shape  # every pixel, as the data loader decodes it (orientation applied)
         return (int(w), int(h))
     except UnidentifiedImageError:
         return "UnidentifiedImageError: not an image in a format PIL can read"
@@ -279,22 +281,45 @@ def _archive_stem(src: Path) -> str:
     return src.stem or name
 
 
-def _prepare_out(out: Path, splits: list[str], overwrite: bool) -> None:
+def _check_out(src: Path, out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an output that is the input (or inside it, or holding it), a file, or an existing dataset
+    without ``overwrite``; returns the existing manifest (None when there is none)."""
+    if same_or_nested(src, out):
+        raise DataError(f"output '{out}' and input '{src}' are the same folder or one holds the other; "
+                        "choose an output folder outside the input")
     if out.exists() and not out.is_dir():
         raise DataError(f"output '{out}' exists and is not a directory")
     manifest = out / MANIFEST
-    stale = [p for s in splits if (out / s).is_dir() for p in (out / s).glob("shard-*.tar*")]
-    if not overwrite:
-        if manifest.exists():
+    if manifest.exists():
+        if not overwrite:
             raise DataError(f"'{out}' already holds a dataset ({manifest}); pass overwrite=True "
                             "(--overwrite) to replace it, or choose another output folder")
-        if any(p.name.endswith(".tar") for p in stale):
-            raise DataError(f"'{out}' holds shards of an unfinished pack but no {MANIFEST}; pass "
-                            "overwrite=True (--overwrite) to replace them")
-    manifest.unlink(missing_ok=True)  # first: a crash never leaves a manifest over missing shards
-    for p in stale:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        return read_manifest(out)
+    if not overwrite and out.is_dir() and any(out.rglob("shard-*.tar")):
+        raise DataError(f"'{out}' holds shards but no {MANIFEST}; pass overwrite=True (--overwrite) to replace "
+                        "them")
+    return None
+
+
+def _carry_over(old: dict[str, Any], old_root: Path, manifest: dict[str, Any], build: Path,
+                splits: list[str]) -> None:
+    """Keep the splits of an existing dataset that this pack does not replace (``--splits`` with
+    ``--overwrite``): their shards are linked (or copied) into the new folder, their manifest entries kept."""
+    if list(old.get("classes", [])) != list(manifest["classes"]):
+        raise DataError(f"the existing dataset in '{old_root}' has classes {old.get('classes')} but the input has "
+                        f"{manifest['classes']}; repack every split (no --splits) or choose another output folder")
+    for split, info in old["splits"].items():
+        if split in splits:
+            continue
+        for shard in info["shards"]:
+            dst = build / shard["name"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(old_root / shard["name"], dst)
+            except OSError:
+                shutil.copy2(old_root / shard["name"], dst)
+        manifest["splits"][split] = info
+        manifest["corrupt"].extend(c for c in old.get("corrupt", []) if c.get("split") == split)
 
 
 def pack_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, shard_size: int = 1000,
@@ -315,8 +340,12 @@ def pack_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, shard_si
         workers: decode processes; 0 = one per CPU, 1 = decode in this process. The output does
             not depend on it.
         progress: show tqdm bars (images/s per split).
-        overwrite: replace an existing dataset in ``out`` (old shards of the packed splits are
-            deleted first); without it an existing ``dataset.json`` is a :class:`DataError`.
+        overwrite: replace an existing dataset in ``out``; without it an existing ``dataset.json`` is a
+            :class:`DataError`. With ``splits``, the existing dataset's other splits are kept.
+
+    The dataset is built in a hidden sibling of ``out`` and renamed into place when complete
+    (:func:`arlab.utils.atomic_dir`): an interrupted pack leaves the old dataset (or nothing) in ``out``,
+    and its leftovers (a half-built folder, an unpacked archive) are removed by the next pack.
 
     Each sample holds ``__key__`` = its 8-digit position in the split, the original image bytes
     under their extension (``jpeg`` -> ``jpg``, ``tiff`` -> ``tif``), ``cls`` (class index),
@@ -333,17 +362,17 @@ def pack_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, shard_si
         raise DataError(f"workers must be an integer >= 0 (0 = one per CPU), got {workers!r}")
     if not src_path.exists():
         raise DataError(f"input '{src}' does not exist")
-    if not overwrite and (out_path / MANIFEST).exists():  # before any slow work
-        _prepare_out(out_path, [], overwrite)
+    old = _check_out(src_path, out_path, overwrite)  # before any slow work
 
     with ExitStack() as stack:
+        build = stack.enter_context(atomic_dir(out_path))  # exits last: the swap after everything else
         # ---- list the input
         if src_path.is_dir():
             listing = _list_directory(src_path)
         elif src_path.is_file():
             kind = _compression(src_path)
             if kind is not None:
-                tmp_root = _temp_dir(stack, out_path)
+                tmp_root = stack.enter_context(tempfile.TemporaryDirectory(prefix=".input-", dir=build))
                 tar_path = Path(tmp_root) / "input.tar"
                 _decompress(src_path, kind, tar_path, progress)
                 if not tarfile.is_tarfile(tar_path):
@@ -358,13 +387,15 @@ def pack_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, shard_si
             raise DataError(f"input '{src}' is neither a directory nor a tar archive")
 
         files = _strip_common_root(listing)
-        split_items, classes = _collect(files, str(src))
+        warnings: list[str] = []
+        split_items, classes = _collect(files, str(src), warnings)
         available = sorted(split_items)
         chosen = _choose_splits(splits, available, str(src))
-        _prepare_out(out_path, chosen, overwrite)
 
         manifest = new_manifest(name or _archive_stem(src_path.resolve()), classes, source=str(src),
                                 seed=int(seed), shard_size=shard_size, captions=False)
+        if warnings:
+            manifest["warnings"] = warnings
         n_workers = workers or _cpu_count()
         open_files: dict[str, BinaryIO] = {}
         stack.callback(lambda: [f.close() for f in open_files.values()])
@@ -380,10 +411,12 @@ def pack_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, shard_si
         class_index = {c: i for i, c in enumerate(classes)}
         for split in chosen:
             shards, per_class, sizes = _pack_split(
-                split, split_items[split], out_path, manifest, class_index, int(seed), shard_size,
+                split, split_items[split], build, manifest, class_index, int(seed), shard_size,
                 executor, window, open_files, progress)
             add_split(manifest, split, shards, per_class, sizes)
-    write_manifest(out_path, manifest)
+        if old is not None:
+            _carry_over(old, out_path, manifest, build, chosen)
+        write_manifest(build, manifest)
     return manifest
 
 
@@ -462,21 +495,15 @@ def _item_batches(items: list[_Item]) -> Iterator[list[_Item]]:
         yield batch
 
 
-def _temp_dir(stack: ExitStack, out: Path) -> str:
-    """A temporary folder beside ``out`` (same disk as the result), else in the system temp dir."""
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return stack.enter_context(tempfile.TemporaryDirectory(prefix=".arlab-pack-", dir=parent))
-    except OSError:
-        return stack.enter_context(tempfile.TemporaryDirectory(prefix="arlab-pack-"))
-
-
-def _collect(files: dict[str, _HANDLE], src: str) -> tuple[dict[str, list[_Item]], list[str]]:
-    """Group image files into ``{split: [items]}`` and find the classes over all splits."""
+def _collect(files: dict[str, _HANDLE], src: str, warnings: list[str] | None = None
+             ) -> tuple[dict[str, list[_Item]], list[str]]:
+    """Group image files into ``{split: [items]}`` and find the classes over all splits; layouts that
+    look wrong (images outside split/class folders, top-level folders that look like classes) are
+    reported in ``warnings``."""
     splits: dict[str, list[_Item]] = {}
     classes: set[str] = set()
     n_images = 0
+    outside: list[str] = []
     for rel, handle in files.items():
         ext = _image_ext(rel)
         if ext is None:
@@ -484,6 +511,7 @@ def _collect(files: dict[str, _HANDLE], src: str) -> tuple[dict[str, list[_Item]
         n_images += 1
         parts = rel.split("/")
         if len(parts) < 3:  # an image directly in the root or in a split folder: no class
+            outside.append(rel)
             continue
         split, cls = parts[0], parts[1]
         stem = posixpath.splitext(rel)[0]
@@ -495,6 +523,19 @@ def _collect(files: dict[str, _HANDLE], src: str) -> tuple[dict[str, list[_Item]
     if not splits:
         raise DataError(f"no split folders in '{src}': expected the layout split/class/image "
                         "(e.g. train/cat/0001.jpg)")
+    if warnings is not None:
+        if outside:
+            warnings.append(f"{len(outside)} image(s) outside the split/class/image layout were skipped "
+                            f"(e.g. {', '.join(sorted(outside)[:3])})")
+        per_split = {s: {it.cls for it in items} for s, items in splits.items()}
+        unknown = [s for s in splits if s.lower() not in KNOWN_SPLITS]
+        if len(splits) > 1 and unknown and all(not (per_split[a] & per_split[b]) for a in splits for b in splits
+                                               if a < b):
+            warnings.append(f"the top-level folders {', '.join(sorted(splits))} share no class: they look like "
+                            "classes, not splits (expected split/class/image, e.g. train/cat/0001.jpg)")
+        elif unknown:
+            warnings.append(f"split folder(s) {', '.join(sorted(unknown))} have unusual names for splits "
+                            f"(expected e.g. {', '.join(sorted(KNOWN_SPLITS)[:4])}); check the layout")
     return splits, sorted(classes)
 
 

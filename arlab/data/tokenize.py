@@ -7,9 +7,9 @@ flattened row-major, or every scale of a multi-scale tokenizer concatenated, coa
 tokenizer config, so generators can check they match before training. With ``flip`` each image is
 also encoded mirrored (key suffix ``_f``), LlamaGen's ten-crop-free augmentation.
 
-Corrupt source images are counted, listed in the manifest and skipped. Shards are written to
-``.tmp`` files and renamed when complete, and the manifest is written last, so an interrupted run
-never leaves a folder that looks complete.
+Corrupt source images are counted, listed in the manifest and skipped. The whole token folder is
+built in a hidden sibling and renamed into place when complete (:func:`arlab.utils.atomic_dir`), so an
+interrupted run never leaves a folder that looks complete, nor mixes the shards of two tokenizers.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from arlab.data.shards import (
 )
 from arlab.errors import DataError
 from arlab.tokenizer.load import load_tokenizer
+from arlab.utils import atomic_dir, same_or_nested
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -49,10 +50,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def tokenize_shards(ckpt: str | Path, src: str | Path, out: str | Path, *, splits: list[str] | None = None,
                     flip: bool = False, batch_size: int = 256, device: str = "cpu",
                     shard_size: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Encode the image shards of ``src`` into token shards under ``out``; returns the manifest."""
+    """Encode the image shards of ``src`` into token shards under ``out``; returns the manifest.
+
+    The token folder is built beside ``out`` and renamed into place when complete: an interrupted run
+    (``--overwrite`` included) leaves ``out`` as it was, never shards of two tokenizers under one
+    manifest."""
     out = Path(out)
+    if same_or_nested(src, out):
+        raise DataError(f"output '{out}' and input '{src}' are the same folder or one holds the other; "
+                        "choose an output folder outside the image shards")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output '{out}' exists and is not a directory")
     if (out / MANIFEST).exists() and not overwrite:
         raise DataError(f"'{out}' already holds a {MANIFEST}; pass overwrite=True (--overwrite) to replace it")
+    with atomic_dir(out) as build:
+        return _tokenize(ckpt, src, out, build, splits, flip, batch_size, device, shard_size, progress)
+
+
+def _tokenize(ckpt: str | Path, src: str | Path, out: Path, build: Path, splits: list[str] | None, flip: bool,
+              batch_size: int, device: str, shard_size: int | None, progress: bool) -> dict:
     tok = load_tokenizer(ckpt, map_location=device).to(device)
     src_m = read_manifest(src)
     if src_m.get("kind", "images") != "images":
@@ -74,13 +90,14 @@ def tokenize_shards(ckpt: str | Path, src: str | Path, out: str | Path, *, split
                             shard_size=shard_size, kind="tokens", tokenizer=meta, flip=flip,
                             captions=bool(src_m.get("captions")), token_dtype=np.dtype(dtype).name)
     root = Path(src)
+    rates: dict[str, float] = {}
     for split in splits:
         info = src_m["splits"][split]
         per_class = dict.fromkeys(src_m["classes"], 0)
         total = info["count"] * (2 if flip else 1)
         bar = tqdm(total=total, desc=f"tokenize {split}", unit="tok-img", disable=not progress, smoothing=0.1)
         t0 = time.perf_counter()
-        with ShardWriter(out / split, shard_size=shard_size) as writer:
+        with ShardWriter(build / split, shard_size=shard_size) as writer:
             for samples in _decoded_batches(root, split, info, decode, batch_size, manifest["corrupt"]):
                 x = collate_images(samples)["image"].to(device)
                 for view, suffix in [(x, "")] + ([(x.flip(-1), "_f")] if flip else []):
@@ -97,9 +114,9 @@ def tokenize_shards(ckpt: str | Path, src: str | Path, out: str | Path, *, split
         bar.close()
         dt = time.perf_counter() - t0
         add_split(manifest, split, writer.shards, per_class)
-        manifest["splits"][split]["samples_per_s"] = round(manifest["splits"][split]["count"] / max(dt, 1e-9), 1)
-    write_manifest(out, manifest)
-    return manifest
+        rates[split] = round(manifest["splits"][split]["count"] / max(dt, 1e-9), 1)
+    write_manifest(build, manifest)  # no timings in it: the same inputs give the same bytes
+    return {**manifest, "samples_per_s": rates}
 
 
 def _decoded_batches(root: Path, split: str, info: dict, decode: ImageDecoder, batch_size: int,

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from arlab.errors import ConfigError
@@ -19,7 +18,7 @@ from arlab.generator.evaluate import eval_conditions, labels_of_prompts, score
 from arlab.generator.model import Generator
 from arlab.generator.sampling import check_schedule
 from arlab.tokenizer.vqgan import VQGANTokenizer
-from arlab.utils import image_grid, to_uint8
+from arlab.utils import atomic_write, image_grid, npz_bytes, png_bytes, to_uint8
 
 
 @torch.no_grad()
@@ -89,8 +88,9 @@ def sample_to_files(ckpt: str | os.PathLike, out: str | os.PathLike, n: int = 10
                                    use_cache=use_cache, **opts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", images=images, labels=labels.numpy(), prompts=np.array(prompt_list or [], dtype=str))
-    Image.fromarray(image_grid(images, nrow=min(len(classes), 20))).save(out / "samples.png")
+    atomic_write(out / "samples.npz", npz_bytes(images=images, labels=labels.numpy(),
+                                                prompts=np.array(prompt_list or [], dtype=str)))
+    atomic_write(out / "samples.png", png_bytes(image_grid(images, nrow=min(len(classes), 20))))
     summary: dict[str, Any] = {"n": n, "images_per_s": rate, "steps_per_image": run.model.steps_per_image,
                                **opts, "use_cache": use_cache}
     acc = score(list(run.cfg.eval_metrics), images, labels.numpy(), meta, prefix="")

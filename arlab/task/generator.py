@@ -24,25 +24,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from arlab.backbone.base import check_serves
-from arlab.config import resolve_node, validate_component
+from arlab.config import build, load_experiment, resolve_node, validate_component
 from arlab.data.stream import sample_seed
 from arlab.data.tokens import TokenDataModule
 from arlab.errors import ConfigError
 from arlab.generator.build import generator_from_meta
 from arlab.generator.evaluate import eval_conditions, score
+from arlab.generator.layout import Layout
 from arlab.generator.sample import generate_images
 from arlab.generator.sampling import check_schedule
 from arlab.layers import decay_groups
 from arlab.registry import get, register
+from arlab.rundir import read_task_checkpoint
 from arlab.schedules import warmup_cosine
 from arlab.task.base import Task, Upstream
 from arlab.tokenizer.load import load_tokenizer
 from arlab.tokenizer.vqgan import VQGANTokenizer
-from arlab.utils import image_grid
+from arlab.utils import atomic_write, image_grid, png_bytes
 
 log = logging.getLogger("arlab.generator")
 
@@ -95,10 +96,33 @@ class GeneratorModule(Task):
             bb = get("backbone", tree["backbone"]["type"])
             check_serves(bb.cls, exp.config("backbone"), attention=order.attention, heads=order.heads,
                          order_name=order.registry_key, backbone_name=bb.key)
+            self._check_layout(exp)
             for name in self.eval_metrics:
                 node = resolve_node("metric", name, source="task.eval_metrics")
                 entry, cfg = validate_component("metric", node, where="task.eval_metrics")
                 entry.cls.check_data(cfg, tree["data"])
+
+        def _check_layout(self, exp) -> None:
+            """The tokenizer's token maps (from its checkpoint, else from the experiment that trains it) against
+            the Token-Shuffle window and the order, before any tokenizer is trained or data tokenized."""
+            if Path(self.tokenizer_ckpt).is_file():
+                tok_node = read_task_checkpoint(self.tokenizer_ckpt, "tokenizer")[1]["experiment"]["tokenizer"]
+                where = f"tokenizer checkpoint {self.tokenizer_ckpt}"
+            elif self.tokenizer_experiment:
+                tok_exp = load_experiment(self.tokenizer_experiment, list(self.tokenizer_overrides))
+                if not tok_exp.has("tokenizer"):
+                    raise ConfigError(f"task.tokenizer_experiment {self.tokenizer_experiment} has no tokenizer slot")
+                tok_node, where = tok_exp.tree["tokenizer"], f"tokenizer experiment {self.tokenizer_experiment}"
+            else:
+                return  # upstream() reports the missing checkpoint
+            scales = validate_component("tokenizer", tok_node)[1].token_scales()
+            tree = exp.tree
+            s = int(tree.get("shuffle", {}).get("s", 1)) if exp.has("shuffle") else 1
+            order = build("order", tree["order"] if exp.has("order") else "raster")
+            try:
+                order.plan(Layout([(p, p) for p in scales], s))
+            except ConfigError as e:
+                raise ConfigError(f"{e} (token maps {scales} of the {where})") from None
 
     @classmethod
     def upstream(cls, cfg: Config, experiment: Any) -> list[Upstream]:
@@ -261,5 +285,5 @@ class GeneratorModule(Task):
         if self._samples_png is None:
             return []
         path = Path(run) / "samples.png"
-        Image.fromarray(self._samples_png).save(path)
+        atomic_write(path, png_bytes(self._samples_png))
         return [path]

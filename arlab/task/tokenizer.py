@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from arlab.config import build, validate_component
@@ -35,7 +34,7 @@ from arlab.tokenizer import discriminator as D
 from arlab.tokenizer.discriminator import PatchGAN, PatchGANConfig
 from arlab.tokenizer.perceptual import PerceptualConfig, PerceptualLoss
 from arlab.tokenizer.vqgan import VQGANTokenizer
-from arlab.utils import pairs_grid
+from arlab.utils import atomic_write, pairs_grid, png_bytes
 
 log = logging.getLogger("arlab.tokenizer")
 
@@ -247,5 +246,5 @@ class TokenizerModule(Task):
         if self._val_images is None:
             return []
         path = Path(run) / "reconstructions.png"
-        Image.fromarray(pairs_grid(*self._val_images)).save(path)
+        atomic_write(path, png_bytes(pairs_grid(*self._val_images)))
         return [path]

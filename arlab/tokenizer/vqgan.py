@@ -47,6 +47,14 @@ class VQGANTokenizer(nn.Module):
                 )
             return self.image_size // f
 
+        def token_scales(self) -> list[int]:
+            """Side of each index map, from the config alone: [h] for single-scale quantizers, patch_nums for
+            msvq (what :attr:`VQGANTokenizer.scales` will be)."""
+            q = self.quantizer
+            if isinstance(q, dict) and q.get("type") == "msvq":
+                return [int(p) for p in q["patch_nums"]]
+            return [self.grid_size()]
+
         def check(self, exp) -> None:
             h = self.grid_size()
             q = self.quantizer
