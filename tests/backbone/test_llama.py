@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arlab.backbone.llama import KVCache, Llama, apply_rope, find_multiple, rope_2d
-from arlab.config import build, presets
+from arlab.config import build, presets, resolve_node
 from arlab.errors import ConfigError
 
 
@@ -15,7 +15,10 @@ def make(**kw) -> Llama:
     return Llama(Llama.Config(**(base | kw)))
 
 
-@pytest.mark.parametrize("name", sorted(presets("backbone")))
+LLAMA_PRESETS = sorted(p for p in presets("backbone") if resolve_node("backbone", p)["type"] == "llama")
+
+
+@pytest.mark.parametrize("name", LLAMA_PRESETS)
 def test_presets_build_and_run(name):
     if name in ("b", "l"):  # GPT-B / GPT-L: count parameters without running
         m = build("backbone", name)
