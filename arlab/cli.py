@@ -179,7 +179,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from arlab.generator.sample import sample_to_files
 
     classes = [int(c) for c in args.classes.split(",") if c.strip()] if args.classes else None
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "samples")
+    from arlab.rundir import run_of_checkpoint
+
+    out = args.out or str(run_of_checkpoint(args.ckpt) / "samples")
     s = sample_to_files(args.ckpt, out, n=args.n, batch_size=args.batch_size, classes=classes, cfg=args.cfg,
                         cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
                         temperature=args.temperature, seed=args.seed, device=args.device,
