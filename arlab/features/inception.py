@@ -253,33 +253,40 @@ def load_fid_inception(path: str) -> FIDInceptionV3:
     return net.eval()
 
 
+def tf1_bilinear_matrix(n_in: int, n_out: int) -> Tensor:
+    """(n_out, n_in) float64 interpolation matrix of TF1 ``resize_bilinear`` along one axis: row j mixes source
+    pixels ``floor(s)`` and ``floor(s) + 1`` (clamped to the border) of ``s = j · n_in / n_out``."""
+    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    i0 = src.floor().long().clamp_(max=n_in - 1)
+    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    w = src - i0.to(torch.float64)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1.0 - w, accumulate=True)
+    m.index_put_((rows, i1), w, accumulate=True)
+    return m
+
+
 def resize_tf1_bilinear(x: Tensor, size: int) -> Tensor:
-    """TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False) of (B, C, H, W) floats:
-    output pixel j samples source coordinate ``j · in / size``; the upper neighbour is clamped to the border."""
-
-    def along(t: Tensor, dim: int) -> Tensor:
-        n = t.shape[dim]
-        src = torch.arange(size, dtype=torch.float64) * (n / size)
-        i0 = src.floor().long().clamp_(max=n - 1)
-        i1 = (i0 + 1).clamp_(max=n - 1)
-        w = (src - i0.to(torch.float64)).to(t.dtype)
-        shape = [1] * t.ndim
-        shape[dim] = size
-        lo, hi = t.index_select(dim, i0), t.index_select(dim, i1)
-        return lo + (hi - lo) * w.view(shape)
-
-    return along(along(x, 2), 3)
+    """TF1 ``resize_bilinear`` (align_corners=False, half_pixel_centers=False) of (B, C, H, W) floats to
+    ``size``×``size``: output pixel j samples source coordinate ``j · in / size``, the upper neighbour clamped
+    to the border. Computed as ``M_h · x · M_wᵀ`` with the two sparse interpolation matrices."""
+    mh = tf1_bilinear_matrix(x.shape[-2], size).to(x.dtype)
+    mw = tf1_bilinear_matrix(x.shape[-1], size).to(x.dtype)
+    return torch.matmul(torch.matmul(mh, x), mw.T)
 
 
 def to_inception_input(images_nhwc: np.ndarray, resize: str = "tf1-bilinear") -> Tensor:
-    """uint8 (N, H, W, 3) → float32 (N, 3, 299, 299) in TF range (resize the [0, 255] image, then x/128 − 1)."""
+    """uint8 (N, H, W, 3) → float32 (N, 3, 299, 299), channels-last, in TF range (resize the [0, 255] image,
+    then x/128 − 1)."""
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (SIZE, SIZE):
         if resize == "tf1-bilinear":
             x = resize_tf1_bilinear(x, SIZE)
         else:
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    return x / 128.0 - 1.0
+    # channels-last memory: oneDNN's convolutions run about twice as fast on CPU (same values up to ~1e-5)
+    return (x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last)
 
 
 def pick_device(name: str) -> torch.device:
