@@ -49,7 +49,7 @@ from arlab.errors import ConfigError, did_you_mean, format_choices
 
 # Packages under arlab/ that hold components; each one's docstring describes the kind.
 _COMPONENT_PACKAGES = ("data", "autoencoder", "quantizer", "tokenizer", "order", "shuffle", "backbone",
-                       "conditioner", "metric", "task")
+                       "conditioner", "features", "metric", "task")
 PLUGIN_ENV = "ARLAB_PLUGINS"
 ENTRY_POINT_GROUP = "arlab.plugins"
 

@@ -91,3 +91,21 @@ def arlab_cache(tmp_path_factory) -> Path:
         os.environ.pop("ARLAB_CACHE", None)
     else:
         os.environ["ARLAB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, arlab_cache) -> tuple[Path, dict]:
+    """A task/classifier run on shapes-tiny, a few steps of a tiny CNN: (checkpoint, final metrics).
+
+    Shared by the feature-network and metric tests (features/classifier reads the checkpoint)."""
+    from arlab.config import load_experiment
+    from arlab.train import fit
+
+    run = tmp_path_factory.mktemp("classifier") / "run"
+    exp = load_experiment("shapes/classifier", [
+        "data=shapes-tiny", "data.num_workers=0", "task.widths=[8,16]", "task.depth=1", "task.feature_dim=16",
+        "task.warmup_steps=2", "trainer.max_steps=8", "trainer.val_check_interval=8", "trainer.limit_val_batches=2",
+        "trainer.checkpoint_every_n_steps=8", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        f"run.dir={run}"])
+    metrics = fit(exp)
+    return run / "checkpoints" / "last.ckpt", metrics

@@ -3,8 +3,10 @@
 A metric is built as ``cls(cfg)`` and called by the evaluation code (:mod:`arlab.generator.evaluate`)
 with generated images ``images_nhwc`` (N, H, W, 3) uint8, the class each one was asked for
 ``labels_n`` (N,) int64 (−1 where unknown, e.g. a free-text prompt) and the dataset's ``meta``
-(``dataset``, ``classes``, ``image_size``). It returns ``{name: value}``; the caller records ``N``
-beside it, so every reported value states its sample count.
+(``dataset``, ``classes``, ``image_size``; ``images``, the data preset of the real image set, which the
+reference metrics compare with unless their ``reference`` names one). It returns ``{name: value}``; the
+caller records ``N`` beside it, so every reported value states its sample count (metrics that use other
+counts, e.g. reference images, report them too).
 
 :meth:`Metric.check_data` runs at config time on the experiment's ``data`` node: a metric that only
 makes sense on some datasets (the shapes checker) refuses the others there, before any training.

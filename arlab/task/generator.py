@@ -146,7 +146,8 @@ class GeneratorModule(Task):
         side = int(tok["scales"][-1])
         return {"vocab_size": vocab, "grid": [side, side], "scales": [int(p) for p in tok["scales"]],
                 "num_classes": datamodule.num_classes, "classes": datamodule.classes,
-                "dataset": datamodule.manifest["name"], "tokenizer_ckpt": str(Path(cfg.tokenizer_ckpt).resolve()),
+                "dataset": datamodule.manifest["name"], "images": datamodule.cfg.images,
+                "tokenizer_ckpt": str(Path(cfg.tokenizer_ckpt).resolve()),
                 "image_size": int(tok["image_size"])}
 
     def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,

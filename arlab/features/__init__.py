@@ -1,0 +1,1 @@
+"""Feature networks: images → feature vectors (and class logits) for FID, KID, precision/recall and IS."""
