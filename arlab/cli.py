@@ -1,8 +1,10 @@
 """The ``arlab`` command line.
 
-User errors (bad config keys, unknown names, unusable data) print one clear message and exit with
-code 2, without a traceback; ``ARLAB_DEBUG=1`` shows the traceback too. ``--plugin FILE_OR_MODULE``
-(repeatable; or ``ARLAB_PLUGINS``) loads components from outside arlab before the command runs.
+User errors (bad config keys, unknown names, unusable data, damaged checkpoints) print one clear message
+and exit with code 2, without a traceback; ``arlab --debug`` or ``ARLAB_DEBUG=1`` shows the traceback too.
+Option values out of range are refused by the parser itself (exit 2, naming the option).
+``--plugin FILE_OR_MODULE`` (repeatable; or ``ARLAB_PLUGINS``) loads components from outside arlab before
+the command runs.
 
 Commands import their modules when they run (not at start-up), so ``arlab --help`` and ``arlab list``
 stay fast without loading Lightning.
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="run 'arlab COMMAND --help' for a command's options and examples",
     )
     parser.add_argument("--version", action="version", version=f"arlab {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (also ARLAB_DEBUG=1)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="load components (and presets beside them) from a .py file, a folder of them or a "
                              "module; repeatable; also ARLAB_PLUGINS")
@@ -348,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry.add_plugins(args.plugin, "--plugin")
         return int(args.func(args) or 0)
     except ArlabError as e:
-        if os.environ.get("ARLAB_DEBUG"):
+        if args.debug or os.environ.get("ARLAB_DEBUG", "") not in ("", "0"):
             raise
         print(f"arlab: error: {e}", file=sys.stderr)
         return e.exit_code

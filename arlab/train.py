@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from arlab.config import Experiment, load_experiment
 from arlab.errors import ConfigError
 from arlab.registry import get
-from arlab.rundir import run_dir, run_of_checkpoint, write_metrics
+from arlab.rundir import check_resume_checkpoint, run_dir, run_of_checkpoint, write_metrics
 from arlab.task.base import Task, Upstream
 
 log = logging.getLogger("arlab.train")
@@ -110,6 +110,7 @@ def fit(exp: Experiment, callbacks: list[pl.Callback] | None = None) -> dict[str
     trainer = build_trainer(exp, run, callbacks)
     ckpt_path = resume_path(exp, run)
     if ckpt_path:
+        check_resume_checkpoint(ckpt_path, exp.tree["task"]["type"])  # readable, same task: before training
         log.info("resuming from %s", ckpt_path)
     t0 = time.perf_counter()
     try:

@@ -1,0 +1,182 @@
+"""User errors print one line ``arlab: error: ...`` and exit 2 (no traceback; ``--debug`` / ``ARLAB_DEBUG=1`` show it):
+damaged checkpoints (sample, tokenize, resume), out-of-range command-line options, config values training would
+reject, a run.dir that is a file, non-UTF-8 YAML, foreign manifests, a text conditioner without captions, and
+messages that must name the real source of a value and a clean dotted key."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from arlab import rundir
+from arlab.cli import main
+from arlab.config import load_experiment
+from arlab.errors import ConfigError
+from arlab.train import fit
+from tests.conftest import make_image_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("ARLAB_DEBUG", raising=False)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def one_line_error(rc: int, err: str, *needles: str) -> str:
+    """Exit 2, exactly one ``arlab: error:`` line on stderr (the last), no traceback; returns that line."""
+    errors = [line for line in err.splitlines() if line.startswith("arlab: error:")]
+    assert rc == 2, err
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def write_yaml(path: Path, body: dict) -> Path:
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def tokenizer_body(shards: Path, run: Path) -> dict:
+    return {"data": {"type": "shards", "root": str(shards), "image_size": 16, "batch_size": 8, "num_workers": 0,
+                     "val_split": "", "shuffle_buffer": 0},
+            "tokenizer": {"preset": "shapes-fsq", "autoencoder": "tiny", "image_size": 16},
+            "task": {"type": "tokenizer", "warmup_steps": 0, "log_images_every_n_steps": 0, "usage_window": 2},
+            "trainer": {"max_steps": 2, "checkpoint_every_n_steps": 2, "enable_progress_bar": False,
+                        "log_every_n_steps": 1, "limit_val_batches": 0},
+            "run": {"dir": str(run)}}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A tiny real tokenizer checkpoint (2 steps on 16 synthetic images) and damaged variants of it."""
+    tmp = tmp_path_factory.mktemp("lab")
+    shards = tmp / "shards"
+    make_image_shards(shards, [16], size=8)
+    tok_exp = write_yaml(tmp / "tok.yaml", tokenizer_body(shards, tmp / "tok"))
+    fit(load_experiment(tok_exp))
+    ckpt = tmp / "tok" / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    bad = tmp / "bad"
+    bad.mkdir()
+    (bad / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (bad / "empty.ckpt").write_bytes(b"")
+    (bad / "random.ckpt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (bad / "text.ckpt").write_text("these are my notes, not a checkpoint\n")
+    with zipfile.ZipFile(bad / "zip.ckpt", "w") as z:
+        z.writestr("notes/readme.txt", "a zip, not a checkpoint")
+    (bad / "pickle.ckpt").write_bytes(pickle.dumps({"a": zipfile.ZipFile}))  # a pickle of something else
+    torch.save([1, 2, 3], bad / "list.ckpt")
+    torch.save({"state_dict": {}, "epoch": 0}, bad / "nohp.ckpt")
+    generator_like = {"hyper_parameters": {"experiment": {"task": {"type": "generator"}}, "meta": {}},
+                      "state_dict": {}, "optimizer_states": [{}], "loops": {}}
+    torch.save(generator_like, tmp / "generator-task.ckpt")
+    full = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in full.items() if k not in ("optimizer_states", "lr_schedulers")},
+               tmp / "weights-only.ckpt")
+    return SimpleNamespace(tmp=tmp, shards=shards, tok_exp=tok_exp, ckpt=ckpt, bad=bad)
+
+
+DAMAGED = ["truncated", "empty", "random", "text", "zip", "pickle", "list", "nohp"]
+
+
+# ----------------------------------------------------------------------------- 1. damaged checkpoints
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_sample_refuses_a_damaged_checkpoint_in_one_line(lab, capsys, tmp_path, name):
+    path = lab.bad / f"{name}.ckpt"
+    rc, err = cli(capsys, "sample", path, "--n", "2", "--out", tmp_path / "s")
+    one_line_error(rc, err, f"'{path}' is not a readable checkpoint (")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_tokenize_refuses_a_damaged_checkpoint_in_one_line(lab, capsys, tmp_path, name):
+    path = lab.bad / f"{name}.ckpt"
+    rc, err = cli(capsys, "tokenize", path, lab.shards, tmp_path / "tokens", "--quiet")
+    one_line_error(rc, err, f"'{path}' is not a readable checkpoint (")
+
+
+def test_read_task_checkpoint_says_why_a_file_is_unreadable(lab):
+    with pytest.raises(ConfigError, match=r"the file is empty"):
+        rundir.read_task_checkpoint(lab.bad / "empty.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"failed finding central directory"):
+        rundir.read_task_checkpoint(lab.bad / "truncated.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"it holds a list"):
+        rundir.read_task_checkpoint(lab.bad / "list.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"no hyper_parameters.experiment"):
+        rundir.read_task_checkpoint(lab.bad / "nohp.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"is a folder"):
+        rundir.read_task_checkpoint(lab.bad, "tokenizer")
+    ckpt, hp = rundir.read_task_checkpoint(lab.ckpt, "tokenizer", mmap=True)
+    assert hp["experiment"]["task"]["type"] == "tokenizer" and "state_dict" in ckpt
+
+
+def test_check_resume_checkpoint(lab):
+    rundir.check_resume_checkpoint(lab.ckpt, "tokenizer")  # a real one passes
+    with pytest.raises(ConfigError, match=r"run.resume: .* is not a readable checkpoint"):
+        rundir.check_resume_checkpoint(lab.bad / "truncated.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"is not a tokenizer checkpoint \(its task is 'generator'\)"):
+        rundir.check_resume_checkpoint(lab.tmp / "generator-task.ckpt", "tokenizer")
+    with pytest.raises(ConfigError, match=r"holds weights only"):
+        rundir.check_resume_checkpoint(lab.tmp / "weights-only.ckpt", "tokenizer")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("bad/truncated.ckpt", "is not a readable checkpoint"),
+    ("bad/text.ckpt", "is not a readable checkpoint"),
+    ("generator-task.ckpt", "is not a tokenizer checkpoint (its task is 'generator')"),
+    ("weights-only.ckpt", "holds weights only"),
+])
+def test_resume_from_a_damaged_or_foreign_checkpoint_is_refused_before_training(lab, capsys, tmp_path, name,
+                                                                                message):
+    run = tmp_path / "run"
+    rc, err = cli(capsys, "train", lab.tok_exp, f"run.resume={lab.tmp / name}", f"run.dir={run}")
+    one_line_error(rc, err, "run.resume: ", message)
+    assert not (run / "checkpoints").exists()  # no step was trained
+
+
+def test_a_damaged_last_ckpt_is_not_resumed_automatically(lab, capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes((lab.bad / "truncated.ckpt").read_bytes())
+    rc, err = cli(capsys, "train", lab.tok_exp, f"run.dir={run}")
+    one_line_error(rc, err, "run.resume: ", "last.ckpt' is not a readable checkpoint", "new run.dir")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # nothing overwritten
+
+
+def test_tracebacks_only_with_debug(lab):
+    """The real command, in a subprocess: one line by default; --debug and ARLAB_DEBUG=1 show the traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "ARLAB_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    bad = str(lab.bad / "truncated.ckpt")
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "arlab", *args], capture_output=True, text=True, timeout=120,
+                              env={**env, **extra}, cwd=lab.tmp)
+
+    r = run("sample", bad, "--n", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "is not a readable checkpoint" in r.stderr
+    r = run("--debug", "sample", bad, "--n", "2")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+    r = run("sample", bad, "--n", "2", ARLAB_DEBUG="1")
+    assert r.returncode != 0 and "Traceback" in r.stderr
