@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from arlab import rundir
-from arlab.cli import main
+from arlab.cli import build_parser, main
 from arlab.config import load_experiment
 from arlab.errors import ConfigError
 from arlab.train import fit
@@ -180,3 +180,59 @@ def test_tracebacks_only_with_debug(lab):
     assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
     r = run("sample", bad, "--n", "2", ARLAB_DEBUG="1")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ----------------------------------------------------------------------------- 2. command-line options
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["sample", "x.ckpt", "--n", "0"], "--n"),
+    (["sample", "x.ckpt", "--batch-size", "0"], "--batch-size"),
+    (["sample", "x.ckpt", "--top-k", "-1"], "--top-k"),
+    (["sample", "x.ckpt", "--top-p", "0"], "--top-p"),
+    (["sample", "x.ckpt", "--top-p", "1.5"], "--top-p"),
+    (["sample", "x.ckpt", "--cfg", "nan"], "--cfg"),
+    (["sample", "x.ckpt", "--cfg", "inf"], "--cfg"),
+    (["sample", "x.ckpt", "--cfg", "-1"], "--cfg"),
+    (["sample", "x.ckpt", "--temperature", "-1"], "--temperature"),
+    (["sample", "x.ckpt", "--temperature", "nan"], "--temperature"),
+    (["sample", "x.ckpt", "--classes", "a,b"], "--classes"),
+    (["sample", "x.ckpt", "--classes", "0,-1"], "--classes"),
+    (["sample", "x.ckpt", "--cfg-schedule", "cosin"], "--cfg-schedule"),
+    (["sample", "x.ckpt", "--seed", "-1"], "--seed"),
+    (["sample", "x.ckpt", "--device", "cuda:99"], "--device"),
+    (["sample", "x.ckpt", "--device", "gpu0"], "--device"),
+    (["tokenize", "x.ckpt", "shapes", "out", "--batch-size", "0"], "--batch-size"),
+    (["tokenize", "x.ckpt", "shapes", "out", "--device", "cuda:99"], "--device"),
+    (["data", "pack", "src", "out", "--shard-size", "0"], "--shard-size"),
+    (["data", "pack", "src", "out", "--workers", "-1"], "--workers"),
+    (["data", "pack", "src", "out", "--seed", "-3"], "--seed"),
+    (["data", "shapes", "out", "--n-train", "0"], "--n-train"),
+    (["data", "shapes", "out", "--n-test", "-1"], "--n-test"),
+    (["data", "shapes", "out", "--size", "8"], "--size"),
+    (["data", "shapes", "out", "--shard-size", "0"], "--shard-size"),
+])
+def test_out_of_range_options_are_refused_by_the_parser(capsys, tmp_path, monkeypatch, argv, option):
+    monkeypatch.chdir(tmp_path)  # (relative outputs, should the parser let one through)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: " in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_sample_on_a_missing_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "x.ckpt", "--device", "cuda"])
+    assert "argument --device: device 'cuda' is not available" in capsys.readouterr().err
+
+
+def test_valid_sampling_options_parse_and_zero_temperature_means_greedy(capsys):
+    a = build_parser().parse_args(["sample", "x.ckpt", "--temperature", "0", "--cfg", "0", "--top-p", "1",
+                                   "--top-k", "0", "--classes", "0, 3", "--device", "cpu"])
+    assert (a.temperature, a.cfg, a.top_p, a.top_k, a.classes, a.device) == (0.0, 0.0, 1.0, 0, [0, 3], "cpu")
+    assert build_parser().parse_args(["sample", "x.ckpt"]).classes is None
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "0 = greedy" in " ".join(capsys.readouterr().out.split())
