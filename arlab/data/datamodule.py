@@ -159,16 +159,17 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         shard_size: int = 1000  # samples per shard when packing source
 
         def __post_init__(self) -> None:
-            if self.image_size < 1 or self.batch_size < 1:
-                raise ConfigError(f"image_size and batch_size must be positive, got {self.image_size}, "
-                                  f"{self.batch_size}")
+            for key, lo in (("image_size", 1), ("batch_size", 1), ("val_batch_size", 0), ("shard_size", 1)):
+                if getattr(self, key) < lo:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= {lo}")
             if not 0.0 <= self.flip <= 1.0:
                 raise ConfigError(f"flip is a probability in [0, 1], got {self.flip}")
             if self.interpolation not in _RESAMPLE:
                 choices = ", ".join(_RESAMPLE)
                 raise ConfigError(f"interpolation {self.interpolation!r} is not one of {choices}")
-            if self.num_workers < 0 or self.shuffle_buffer < 0:
-                raise ConfigError("num_workers and shuffle_buffer must be >= 0")
+            for key in ("num_workers", "shuffle_buffer"):
+                if getattr(self, key) < 0:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
 
     def __init__(self, cfg: Config, seed: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -242,8 +243,9 @@ class ShapesDataModule(ShardDataModule):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            if self.n_train < 1 or self.n_test < 0 or self.gen_size < 16:
-                raise ConfigError("shapes needs n_train >= 1, n_test >= 0 and gen_size >= 16")
+            for key, lo in (("n_train", 1), ("n_test", 0), ("gen_seed", 0), ("gen_size", 16)):
+                if getattr(self, key) < lo:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= {lo} (shapes)")
 
     @property
     def root(self) -> Path:

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from arlab.backbone.base import check_serves
-from arlab.config import resolve_node, validate_component
+from arlab.config import check_range, resolve_node, validate_component
 from arlab.data.stream import sample_seed
 from arlab.data.tokens import TokenDataModule
 from arlab.errors import ConfigError
@@ -78,9 +78,24 @@ class GeneratorModule(Task):
         def __post_init__(self) -> None:
             if self.lr_schedule not in ("constant", "cosine"):
                 raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of constant, cosine")
-            check_schedule(self.sample_schedule)
+            try:
+                check_schedule(self.sample_schedule)
+            except ConfigError as e:
+                raise ConfigError(f"sample_schedule={self.sample_schedule!r}: {e}") from None
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
+            for i, b in enumerate(self.betas):
+                check_range(f"betas[{i}]", b, ge=0, lt=1)
+            check_range("lr", self.lr, gt=0)
+            for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
+                        "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
+                        "vocab_size"):
+                check_range(key, getattr(self, key), ge=0)
+            check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+            check_range("token_dropout", self.token_dropout, ge=0, lt=1)
+            if self.sample_every_n_steps and self.n_sample_images < 1:
+                raise ConfigError(f"n_sample_images={self.n_sample_images}: must be >= 1 when sample_every_n_steps > 0 "
+                                  "(or set sample_every_n_steps: 0)")
 
         def check(self, exp) -> None:
             """Config-time checks: slots present, the backbone serves the order, metrics fit the data."""

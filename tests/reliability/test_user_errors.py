@@ -236,3 +236,40 @@ def test_valid_sampling_options_parse_and_zero_temperature_means_greedy(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "0 = greedy" in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------- 3. values training would reject
+
+
+@pytest.mark.parametrize("experiment,override,key", [
+    ("shapes/quickstart", "task.lr=-0.001", "task.lr=-0.001"),
+    ("shapes/quickstart", "task.lr=.nan", "task.lr=nan"),
+    ("shapes/quickstart", "task.warmup_steps=-1", "task.warmup_steps=-1"),
+    ("shapes/quickstart", "task.weight_decay=-0.1", "task.weight_decay=-0.1"),
+    ("shapes/quickstart", "task.grad_clip=-1", "task.grad_clip=-1"),
+    ("shapes/quickstart", "task.betas=[0.9,1.0]", "task.betas[1]=1.0"),
+    ("shapes/quickstart", "task.eval_samples=-1", "task.eval_samples=-1"),
+    ("shapes/quickstart", "task.n_sample_images=-1", "task.n_sample_images=-1"),
+    ("shapes/quickstart", "task.sample_cfg=-1", "task.sample_cfg=-1"),
+    ("shapes/quickstart", "task.sample_temperature=-1", "task.sample_temperature=-1"),
+    ("shapes/quickstart", "task.token_dropout=1.0", "task.token_dropout=1.0"),
+    ("shapes/tokenizer-fsq", "task.lr=-1", "task.lr=-1"),
+    ("shapes/tokenizer-fsq", "task.betas=[-0.1,0.9]", "task.betas[0]=-0.1"),
+    ("shapes/tokenizer-fsq", "task.disc_weight=-1", "task.disc_weight=-1"),
+    ("shapes/tokenizer-fsq", "task.usage_window=0", "task.usage_window=0"),
+    ("shapes/tokenizer-fsq", "trainer.checkpoint_every_n_steps=-1", "trainer.checkpoint_every_n_steps=-1"),
+    ("shapes/tokenizer-fsq", "trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0"),
+    ("shapes/tokenizer-fsq", "trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
+    ("shapes/tokenizer-fsq", "trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
+    ("shapes/tokenizer-fsq", "run.seed=-1", "run.seed=-1"),
+])
+def test_config_refuses_values_training_would_reject(capsys, experiment, override, key):
+    rc, err = cli(capsys, "config", experiment, override)
+    one_line_error(rc, err, key, "must be", "(command line)")
+
+
+def test_a_bad_value_in_a_file_names_the_file(capsys, tmp_path):
+    exp = write_yaml(tmp_path / "neg.yaml", {"base": [str(REPO / "experiments/shapes/tokenizer-fsq.yaml")],
+                                              "task": {"lr": -2.0e-4}})
+    rc, err = cli(capsys, "config", exp)
+    one_line_error(rc, err, "task.lr=-0.0002: must be a number > 0", "neg.yaml)")
