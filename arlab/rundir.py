@@ -29,10 +29,19 @@ from arlab.errors import ConfigError
 def run_dir(exp: Any) -> Path:
     """The run directory of experiment ``exp`` (created), with its resolved ``config.yaml`` written into it."""
     d = exp.run.dir or os.path.join("runs", exp.name, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path = Path(d)
+    clash = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:
+        what = "is an existing file" if clash == path else f"is under '{clash}', an existing file"
+        raise ConfigError(f"run.dir '{d}' {what}; give a folder (or leave run.dir empty for runs/<experiment>/<time>)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / "config.yaml").is_dir():
+            raise IsADirectoryError(f"'{path / 'config.yaml'}' is a folder")
+    except OSError as e:
+        raise ConfigError(f"run.dir '{d}' cannot be used as a run directory: {e.strerror or e}") from None
     exp.run.dir = d
     exp.tree["run"]["dir"] = d
-    path = Path(d)
-    path.mkdir(parents=True, exist_ok=True)
     exp.save(path / "config.yaml")
     return path
 

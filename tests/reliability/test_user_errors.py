@@ -273,3 +273,16 @@ def test_a_bad_value_in_a_file_names_the_file(capsys, tmp_path):
                                               "task": {"lr": -2.0e-4}})
     rc, err = cli(capsys, "config", exp)
     one_line_error(rc, err, "task.lr=-0.0002: must be a number > 0", "neg.yaml)")
+
+
+# ----------------------------------------------------------------------------- 4. run.dir
+
+
+def test_run_dir_that_is_a_file_is_refused_before_any_work(lab, capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    rc, err = cli(capsys, "train", lab.tok_exp, f"run.dir={notes}")
+    one_line_error(rc, err, f"run.dir '{notes}' is an existing file")
+    rc, err = cli(capsys, "train", lab.tok_exp, f"run.dir={notes}/run")
+    one_line_error(rc, err, f"is under '{notes}', an existing file")
+    assert notes.read_text() == "keep me"
