@@ -88,7 +88,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _preset_summary(path) -> str:
     first = ""
     target = ""
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a non-UTF-8 file: arlab check names it
         s = line.strip()
         if s.startswith("#") and not first:
             first = s.lstrip("# ").strip()

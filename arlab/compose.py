@@ -102,6 +102,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML file as a plain dict, ``${...}`` interpolations kept as strings."""
     try:
         cfg = OmegaConf.load(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{display(path)} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{display(path)} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{display(path)} is not valid YAML: {e}") from None
     except OmegaConfBaseException as e:

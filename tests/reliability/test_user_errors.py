@@ -286,3 +286,23 @@ def test_run_dir_that_is_a_file_is_refused_before_any_work(lab, capsys, tmp_path
     rc, err = cli(capsys, "train", lab.tok_exp, f"run.dir={notes}/run")
     one_line_error(rc, err, f"is under '{notes}', an existing file")
     assert notes.read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- 5. non-UTF-8 YAML
+
+
+def test_non_utf8_experiment_and_preset_name_the_file(capsys, tmp_path, monkeypatch):
+    exp = tmp_path / "latin1.yaml"
+    exp.write_bytes(b"description: caf\xe9\nbase: [" + str(REPO / "experiments/shapes/tokenizer-fsq.yaml").encode()
+                    + b"]\n")
+    rc, err = cli(capsys, "config", exp)
+    one_line_error(rc, err, "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 16)")
+
+    home = tmp_path / "home"
+    (home / "registry" / "backbone").mkdir(parents=True)
+    (home / "registry" / "backbone" / "latin1.yaml").write_bytes(b"# d\xe9faut\npreset: tiny\n")
+    monkeypatch.setenv("ARLAB_HOME", str(home))
+    rc, err = cli(capsys, "config", "shapes/quickstart", "backbone=latin1")
+    one_line_error(rc, err, "latin1.yaml is not UTF-8 text")
+    rc, err = cli(capsys, "list", "backbone")  # listing still works
+    assert rc == 0
