@@ -268,7 +268,7 @@ class ShapesDataModule(ShardDataModule):
 def manifest_summary(root: str | os.PathLike) -> str:
     """Human-readable summary of a shard folder (used by 'arlab data info')."""
     m = read_manifest(root)
-    lines = [f"{m['name']}  ({m['kind']}, {len(m['classes'])} classes, format {m['format']})"]
+    lines = [f"{m['name']}  ({m.get('kind', 'images')}, {len(m['classes'])} classes, format {m['format']})"]
     for split, info in m["splits"].items():
         sizes = ", ".join(f"{k}: {v}" for k, v in list(info.get("image_sizes", {}).items())[:4])
         lines.append(f"  {split:<8} {info['count']:>9} samples  {len(info['shards']):>5} shards  {sizes}")

@@ -306,3 +306,30 @@ def test_non_utf8_experiment_and_preset_name_the_file(capsys, tmp_path, monkeypa
     one_line_error(rc, err, "latin1.yaml is not UTF-8 text")
     rc, err = cli(capsys, "list", "backbone")  # listing still works
     assert rc == 0
+
+
+# ----------------------------------------------------------------------------- 6. foreign manifests
+
+
+@pytest.mark.parametrize("text,what", [
+    ("{}", "missing 'format', 'name', 'classes', 'splits'"),
+    ('{"name": "x"}', "missing 'format', 'classes', 'splits'"),
+    ("[1, 2]", "it holds a JSON list, not an object"),
+    ("{not json", "is not valid JSON"),
+    ('{"format": "arlab-shards/1", "name": "x", "classes": []}', "missing 'splits'"),
+    ('{"format": "arlab-shards/1", "name": "x", "splits": {}}', "missing 'classes'"),
+    ('{"format": "arlab-shards/1", "name": "x", "classes": [], "splits": {"train": {"count": 3}}}',
+     "split 'train' has no 'shards'"),
+    ('{"format": "arlab-shards/1", "name": "x", "classes": [], "splits": {}, "kind": "tokens"}',
+     "token shards without 'tokenizer'"),
+])
+def test_data_info_on_a_foreign_manifest(capsys, tmp_path, text, what):
+    (tmp_path / "dataset.json").write_text(text)
+    rc, err = cli(capsys, "data", "info", tmp_path)
+    one_line_error(rc, err, str(tmp_path / "dataset.json"), what)
+
+
+def test_data_info_on_a_non_utf8_manifest(capsys, tmp_path):
+    (tmp_path / "dataset.json").write_bytes(b"\xff\xfe{}")
+    rc, err = cli(capsys, "data", "info", tmp_path)
+    one_line_error(rc, err, "dataset.json is not UTF-8 text")
