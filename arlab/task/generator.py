@@ -138,13 +138,29 @@ class GeneratorModule(Task):
         return {"vocab_size": vocab, "grid": [side, side], "scales": [int(p) for p in tok["scales"]],
                 "num_classes": datamodule.num_classes, "classes": datamodule.classes,
                 "dataset": datamodule.manifest["name"], "tokenizer_ckpt": str(Path(cfg.tokenizer_ckpt).resolve()),
-                "image_size": int(tok["image_size"])}
+                "image_size": int(tok["image_size"]), "captions": bool(datamodule.manifest.get("captions"))}
+
+    @staticmethod
+    def check_captions(experiment: dict[str, Any], meta: dict[str, Any]) -> None:
+        """A text conditioner needs captions: from the data (its manifest says ``captions: true``) or made from
+        class names by ``conditioner.template``; refused before training otherwise."""
+        node = experiment.get("conditioner") or {"type": "class"}
+        node = {"type": node} if isinstance(node, str) else node
+        if not get("conditioner", str(node.get("type"))).cls.accepts_text or node.get("template"):
+            return
+        if meta.get("captions", True):  # (a checkpoint from before the key: trust it)
+            return
+        raise ConfigError(f"conditioner {node.get('type')} trains on captions, but the data '{meta.get('dataset')}' "
+                          "has none (its manifest says captions: false) and conditioner.template is empty: set "
+                          "conditioner.template (e.g. 'a photo of a {}') to caption images by class name, or use "
+                          "conditioner: class")
 
     def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,
                  meta: dict[str, Any] | None = None):
         super().__init__()
         if experiment is None or meta is None:
             raise ConfigError("GeneratorModule needs the experiment config and the data meta (experiment=, meta=)")
+        self.check_captions(experiment, meta)
         self.cfg = cfg if cfg is not None else validate_component("task", experiment["task"])[1]
         self.save_hyperparameters({"experiment": experiment, "meta": meta})  # plain dicts only
         self.meta = meta

@@ -21,9 +21,11 @@ import yaml
 from arlab import rundir
 from arlab.cli import build_parser, main
 from arlab.config import load_experiment
+from arlab.data.shards import ShardWriter, add_split, new_manifest, write_manifest
+from arlab.data.tokenize import tokenize_shards
 from arlab.errors import ConfigError
 from arlab.train import fit
-from tests.conftest import make_image_shards
+from tests.conftest import make_image_shards, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -333,3 +335,32 @@ def test_data_info_on_a_non_utf8_manifest(capsys, tmp_path):
     (tmp_path / "dataset.json").write_bytes(b"\xff\xfe{}")
     rc, err = cli(capsys, "data", "info", tmp_path)
     one_line_error(rc, err, "dataset.json is not UTF-8 text")
+
+
+# ----------------------------------------------------------------------------- 7. text conditioner, no captions
+
+
+def test_text_conditioner_on_data_without_captions_is_refused_before_training(lab, capsys, tmp_path):
+    images = tmp_path / "images"  # like a packed CIFAR-10: no txt members, manifest captions: false
+    classes = ["a", "b"]
+    with ShardWriter(images / "train", shard_size=100) as w:
+        for j in range(8):
+            w.write({"__key__": f"k{j}", "png": png_bytes(np.full((8, 8, 3), 30 * j, np.uint8)), "cls": j % 2})
+    m = new_manifest("nocaps", classes, captions=False)
+    add_split(m, "train", w.shards, {"a": 4, "b": 4})
+    write_manifest(images, m)
+    tokens = tmp_path / "tokens"
+    tokenize_shards(lab.ckpt, images, tokens, progress=False)
+    run = tmp_path / "gen"
+    body = {"data": {"type": "tokens", "root": str(tokens), "batch_size": 4, "num_workers": 0, "val_split": "",
+                     "shuffle_buffer": 0},
+            "backbone": "tiny", "order": "raster", "shuffle": "s1", "conditioner": {"type": "text"},
+            "task": {"type": "generator", "tokenizer_ckpt": str(lab.ckpt), "sample_every_n_steps": 0,
+                     "eval_samples": 0},
+            "trainer": {"max_steps": 1, "enable_progress_bar": False, "limit_val_batches": 0,
+                        "log_every_n_steps": 1},
+            "run": {"dir": str(run)}}
+    rc, err = cli(capsys, "train", write_yaml(tmp_path / "gen.yaml", body))
+    one_line_error(rc, err, "conditioner text trains on captions, but the data 'nocaps' has none",
+                   "conditioner.template")
+    assert not (run / "checkpoints").exists()
