@@ -165,7 +165,10 @@ def validate_dataclass(schema: type, node: Mapping[str, Any], *, path: str, wher
         merged = OmegaConf.merge(base, dict(node))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = str(getattr(e, "key", "") or getattr(e, "full_key", "") or "").split(".")[-1]
+        # full_key is "levels[2]" for an item of a list parameter: the parameter is its first name
+        full = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "")
+        m = re.match(r"\w+", full)
+        key = m.group(0) if m else full
         exp_type = fields[key].type if key in fields else "?"
         value = node.get(key, "<missing>")
         if type(e).__name__ == "MissingMandatoryValue":
@@ -429,8 +432,23 @@ def load_experiment(ref: str | os.PathLike, overrides: list[str] | None = None) 
     for k in slots:  # cross-slot checks: a component's Config may define check(exp)
         check = getattr(configs[k], "check", None)
         if callable(check):
-            check(exp)
+            try:
+                check(exp)
+            except ConfigError as e:
+                raise ConfigError(_with_sources(str(e), composer, prov)) from None
     return exp
+
+
+def _with_sources(msg: str, composer: Composer, prov: Mapping[str, str]) -> str:
+    """A cross-slot check's message with the files of the dotted keys it quotes with their values
+    (``tokenizer.image_size=30 ... (command line)``), unless it names a source already."""
+    if any(f"({src}" in msg for src in set(prov.values())):
+        return msg
+    keys = [k for k in dict.fromkeys(re.findall(r"(?<![\w.])(\w+(?:\.\w+)+)=", msg)) if k in prov]
+    by_source: dict[str, list[str]] = {}
+    for k in keys:
+        by_source.setdefault(composer.where(tuple(k.split("."))), []).append(k)
+    return f"{msg} ({_sources_text(by_source)})" if by_source else msg
 
 
 def _is_under(path: Path, root: Path) -> bool:

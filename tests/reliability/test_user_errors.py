@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -368,3 +369,41 @@ def test_text_conditioner_on_data_without_captions_is_refused_before_training(la
     one_line_error(rc, err, "conditioner text trains on captions, but the data 'nocaps' has none",
                    "conditioner.template")
     assert not (run / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- 8. sources and dotted keys
+
+
+@pytest.mark.parametrize("override", ["trainer..x=1", "trainer.=1", ".x=1", "backbone..depth=3",
+                                      "tokenizer.quantizer..levels=[1]"])
+def test_a_key_with_an_empty_part_is_malformed(capsys, override):
+    rc, err = cli(capsys, "config", "shapes/tokenizer-fsq", override)
+    line = one_line_error(rc, err, f"override '{override}'", "malformed")
+    assert "(defaults)" not in line and "registry/" not in line
+
+
+def test_an_empty_key_in_a_file_is_malformed(capsys, tmp_path):
+    exp = tmp_path / "empty-key.yaml"
+    exp.write_text(f"base: [{REPO / 'experiments/shapes/tokenizer-fsq.yaml'}]\ntrainer:\n  '': 3\n")
+    rc, err = cli(capsys, "config", exp)
+    one_line_error(rc, err, "'trainer.': malformed key", "empty-key.yaml")
+
+
+@pytest.mark.parametrize("experiment,override,expected,wrong", [
+    ("shapes/quickstart", "task.sample_schedule=foo", "task.sample_schedule='foo'", "shapes-generator.yaml"),
+    ("shapes/quickstart", "backbone.heads=5", "heads: command line", None),
+    ("shapes/quickstart", "data.batch_size=0", "data.batch_size=0: must be >= 1 (command line)", "registry/"),
+    ("shapes/quickstart", "data.images=cifar10", "data.images=cifar10 is not the shapes set", "shapes-generator"),
+    ("shapes/tokenizer-fsq", "tokenizer.autoencoder.norm_groups=5", "norm_groups: command line", None),
+    ("shapes/tokenizer-fsq", "tokenizer.quantizer.levels=[8,5,x]", "tokenizer.quantizer.levels: [8, 5, 'x']",
+     "(defaults)"),
+    ("shapes/tokenizer-fsq", "tokenizer.autoencoder.ch_mult=[1,a]", "tokenizer.autoencoder.ch_mult:",
+     "(defaults)"),
+    ("shapes/tokenizer-msvq", "tokenizer.image_size=30", "tokenizer.image_size=30 is not divisible", None),
+])
+def test_messages_name_the_real_source_and_a_clean_key(capsys, experiment, override, expected, wrong):
+    rc, err = cli(capsys, "config", experiment, override)
+    line = one_line_error(rc, err, expected, "command line")
+    assert not re.search(r"\.\.\w|\w\.:", line)  # no 'trainer..x', no 'trainer.:'
+    if wrong:
+        assert wrong not in line
