@@ -1,8 +1,10 @@
 """The ``arlab`` command line.
 
-User errors (bad config keys, unknown names, unusable data) print one clear message and exit with
-code 2, without a traceback; ``ARLAB_DEBUG=1`` shows the traceback too. ``--plugin FILE_OR_MODULE``
-(repeatable; or ``ARLAB_PLUGINS``) loads components from outside arlab before the command runs.
+User errors (bad config keys, unknown names, unusable data, damaged checkpoints) print one clear message
+and exit with code 2, without a traceback; ``arlab --debug`` or ``ARLAB_DEBUG=1`` shows the traceback too.
+Option values out of range are refused by the parser itself (exit 2, naming the option).
+``--plugin FILE_OR_MODULE`` (repeatable; or ``ARLAB_PLUGINS``) loads components from outside arlab before
+the command runs.
 
 Commands import their modules when they run (not at start-up), so ``arlab --help`` and ``arlab list``
 stay fast without loading Lightning.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -85,7 +88,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _preset_summary(path) -> str:
     first = ""
     target = ""
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a non-UTF-8 file: arlab check names it
         s = line.strip()
         if s.startswith("#") and not first:
             first = s.lstrip("# ").strip()
@@ -178,7 +181,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from arlab.generator.sample import sample_to_files
 
-    classes = [int(c) for c in args.classes.split(",") if c.strip()] if args.classes else None
+    classes = args.classes
     from arlab.rundir import run_of_checkpoint
 
     out = args.out or str(run_of_checkpoint(args.ckpt) / "samples")
@@ -236,6 +239,83 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- option values
+# argparse calls these on the option's text; an ArgumentTypeError becomes "argument --x: <message>", exit 2.
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def float_in(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[str], float]:
+    """A finite float in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    if math.isfinite(hi):
+        span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    else:
+        span = f"{'>' if lo_open else '>='} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+        if value < lo or (lo_open and value == lo) or value > hi:
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value:g}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def class_list(text: str) -> list[int] | None:
+    """``"0,3"`` → [0, 3]; ``""`` → None (every class)."""
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    out = []
+    for c in items:
+        try:
+            out.append(int(c))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{c!r} is not a class index (give comma-separated integers, e.g. "
+                                             "0,3)") from None
+        if out[-1] < 0:
+            raise argparse.ArgumentTypeError(f"class index {out[-1]} is negative")
+    return out or None
+
+
+def cfg_schedule(text: str) -> str:
+    from arlab.generator.sampling import check_schedule
+
+    try:
+        check_schedule(text)
+    except ArlabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def device_name(text: str) -> str:
+    """A torch device available here (cpu needs no torch import, so ``--help`` stays fast)."""
+    if text == "cpu":
+        return text
+    from arlab.utils import check_device
+
+    try:
+        return check_device(text)
+    except ArlabError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -257,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="run 'arlab COMMAND --help' for a command's options and examples",
     )
     parser.add_argument("--version", action="version", version=f"arlab {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (also ARLAB_DEBUG=1)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
                         help="load components (and presets beside them) from a .py file, a folder of them or a "
                              "module; repeatable; also ARLAB_PLUGINS")
@@ -281,22 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
              "data pack")
     p.add_argument("src", help="ImageFolder root (split/class/image) or a .tar/.tar.gz of one")
     p.add_argument("out", help="output folder (gets dataset.json and <split>/shard-NNNNNN.tar)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample-order shuffle (default 0)")
+    p.add_argument("--shard-size", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the sample-order shuffle (default 0)")
     p.add_argument("--splits", default="", help="comma-separated splits to pack (default: all)")
     p.add_argument("--name", default=None, help="dataset name in the manifest (default: from SRC)")
-    p.add_argument("--workers", type=int, default=0, help="decode workers (default 0: one per CPU)")
+    p.add_argument("--workers", type=int_at_least(0), default=0, help="decode workers (default 0: one per CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = _add(dsub, "shapes", cmd_data_shapes, "write the embedded procedural shapes dataset as shards",
              "data shapes")
-    p.add_argument("out")
-    p.add_argument("--n-train", type=int, default=10000)
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("out", help="output folder (gets dataset.json, train/ and test/)")
+    p.add_argument("--n-train", type=int_at_least(1), default=10000, help="training images (default 10000)")
+    p.add_argument("--n-test", type=int_at_least(0), default=1000, help="test images (default 1000)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="generator seed (default 0)")
+    p.add_argument("--size", type=int_at_least(16), default=32, help="image side in pixels, >= 16 (default 32)")
+    p.add_argument("--shard-size", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
     p.add_argument("--quiet", action="store_true")
 
     p = _add(dsub, "info", cmd_data_info, "summarise a shard folder's manifest", "data info")
@@ -313,23 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output token shard folder")
     p.add_argument("--splits", default="", help="comma-separated splits (default: all)")
     p.add_argument("--flip", action="store_true", help="also encode each image mirrored (key suffix _f)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per batch (default 256)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
     p = _add(sub, "sample", cmd_sample, "draw class- or caption-conditional samples from a generator checkpoint")
     p.add_argument("ckpt", help="checkpoint of a 'task: generator' run")
-    p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--classes", default="", help="comma-separated class indices, cycled (default: all)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the run's task.sample_cfg)")
-    p.add_argument("--cfg-schedule", default=None, help="constant, linear, half-linear, cosine or var")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--n", type=int_at_least(1), default=100, help="number of images (default 100)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per batch (default 100)")
+    p.add_argument("--classes", type=class_list, default=None,
+                   help="comma-separated class indices, cycled (default: all)")
+    p.add_argument("--cfg", type=float_in(0.0), default=None,
+                   help="CFG scale >= 0 (1: no guidance; var schedule: 0) (default: the run's task.sample_cfg)")
+    p.add_argument("--cfg-schedule", type=cfg_schedule, default=None,
+                   help="constant, linear, half-linear, cosine or var (default: the run's task.sample_schedule)")
+    p.add_argument("--top-k", type=int_at_least(0), default=None,
+                   help="keep the k most likely tokens; 0 = all (default: the run's task.sample_top_k)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1]; 1 = off (default 1)")
+    p.add_argument("--temperature", type=float_in(0.0), default=None,
+                   help="softmax temperature >= 0; 0 = greedy (argmax) (default: the run's task.sample_temperature)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-cache", action="store_true", help="recompute the full sequence each step (reference)")
     p.add_argument("--prompt", action="append", default=[],
                    help="caption for a text-conditioned generator (repeat for several; cycled over --n)")
@@ -352,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry.add_plugins(args.plugin, "--plugin")
         return int(args.func(args) or 0)
     except ArlabError as e:
-        if os.environ.get("ARLAB_DEBUG"):
+        if args.debug or os.environ.get("ARLAB_DEBUG", "") not in ("", "0"):
             raise
         print(f"arlab: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code

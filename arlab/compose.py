@@ -102,6 +102,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML file as a plain dict, ``${...}`` interpolations kept as strings."""
     try:
         cfg = OmegaConf.load(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{display(path)} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{display(path)} cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{display(path)} is not valid YAML: {e}") from None
     except OmegaConfBaseException as e:
@@ -257,6 +262,7 @@ class Composer:
 
     # layers -------------------------------------------------------------------------
     def apply(self, layer: Mapping[str, Any], source: str) -> None:
+        _check_keys(layer, source)
         kinds = set(registry.kinds())
         valid = set(self.sections) | kinds | set(META_KEYS)
         for k, v in layer.items():
@@ -295,6 +301,15 @@ class Composer:
                 )
 
 
+def _check_keys(node: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Refuse an empty key anywhere in a layer (``trainer: {"": 1}``; ``trainer..x=1`` on the command line)."""
+    for k, v in node.items():
+        if k is None or not str(k).strip():
+            raise ConfigError(f"'{prefix}{'' if k is None else k}': malformed key (an empty part) ({source})")
+        if isinstance(v, Mapping):
+            _check_keys(v, source, f"{prefix}{k}.")
+
+
 def load_with_bases(path: Path, composer: Composer, stack: tuple[Path, ...] = ()) -> None:
     path = path.resolve()
     if path in stack:
@@ -317,6 +332,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. trainer.max_steps=100)")
+        key = item.split("=", 1)[0].strip()
+        if any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"override '{item}': the key '{key}' is malformed (an empty part between dots); "
+                              "write KEY.SUBKEY=VALUE, e.g. trainer.max_steps=100")
         try:
             part = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
         except Exception as e:  # OmegaConf raises several grammar errors

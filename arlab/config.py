@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -51,6 +52,21 @@ from arlab.compose import (  # noqa: F401
 )
 from arlab.errors import ConfigError, did_you_mean, format_choices
 
+# ----------------------------------------------------------------------------- range checks
+
+
+def check_range(name: str, value: Any, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None) -> None:
+    """A ConfigError ``name=value: must be ...`` unless ``value`` is a finite number within the bounds (a Config's
+    ``__post_init__`` calls it, so ``arlab config`` already refuses the value, naming the key and its file)."""
+    bounds = [f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if b is not None]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
+    ok = ok and (le is None or value <= le) and (lt is None or value < lt)
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: must be a number {' and '.join(bounds)}".rstrip())
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -65,6 +81,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never") and not self.resume.endswith(".ckpt"):
             raise ConfigError(f"run.resume must be 'auto', 'never' or a .ckpt path, got {self.resume!r}")
+        if not 0 <= self.seed < 2**32:  # Lightning would silently replace it by 0
+            raise ConfigError(f"seed={self.seed}: must be in [0, 2**32 - 1]")
 
 
 @dataclass
@@ -96,6 +114,16 @@ class TrainerConfig:
             )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"trainer.max_steps must be positive or -1, got {self.max_steps}")
+        if self.max_epochs < -1:
+            raise ConfigError(f"max_epochs={self.max_epochs}: must be >= 0, or -1 for no epoch limit")
+        check_range("log_every_n_steps", self.log_every_n_steps, ge=1)
+        check_range("checkpoint_every_n_steps", self.checkpoint_every_n_steps, ge=0)
+        check_range("num_nodes", self.num_nodes, ge=1)
+        check_range("accumulate_grad_batches", self.accumulate_grad_batches, ge=1)
+        for key, bound in (("val_check_interval", {"gt": 0}), ("limit_val_batches", {"ge": 0}),
+                           ("check_val_every_n_epoch", {"ge": 1}), ("gradient_clip_val", {"ge": 0})):
+            if getattr(self, key) is not None:  # None: Lightning's default
+                check_range(key, getattr(self, key), **bound)
 
     def lightning_kwargs(self) -> dict[str, Any]:
         kw = dataclasses.asdict(self)
@@ -137,7 +165,10 @@ def validate_dataclass(schema: type, node: Mapping[str, Any], *, path: str, wher
         merged = OmegaConf.merge(base, dict(node))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        key = str(getattr(e, "key", "") or getattr(e, "full_key", "") or "").split(".")[-1]
+        # full_key is "levels[2]" for an item of a list parameter: the parameter is its first name
+        full = str(getattr(e, "full_key", "") or getattr(e, "key", "") or "")
+        m = re.match(r"\w+", full)
+        key = m.group(0) if m else full
         exp_type = fields[key].type if key in fields else "?"
         value = node.get(key, "<missing>")
         if type(e).__name__ == "MissingMandatoryValue":
@@ -146,13 +177,39 @@ def validate_dataclass(schema: type, node: Mapping[str, Any], *, path: str, wher
             f"{path}.{key}: {value!r} is not a valid {exp_type} ({locate(key)}): {_type_error_message(e)}"
         ) from None
     except (ConfigError, ValueError, TypeError, AssertionError) as e:
-        # a __post_init__ check: blame the first parameter its message names
+        # a __post_init__ check: blame the parameters its message names, in the order it names them
         msg = str(e)
-        named = [k for k in node if re.search(rf"\b{re.escape(k)}\b", msg)]
-        source = locate(named[0] if named else "")
-        prefix = "" if msg.startswith(path) else f"{path}: "
-        raise ConfigError(f"{prefix}{msg} ({source})") from None
+        raise ConfigError(f"{_post_init_prefix(msg, path, fields)}{msg} ({_blame(msg, node, locate)})") from None
     return obj
+
+
+def _post_init_prefix(msg: str, path: str, fields: Mapping[str, Any]) -> str:
+    """``task.`` before a message that starts with one of its keys (``lr=-1: ...``), else ``task: ``."""
+    if msg.startswith(path):
+        return ""
+    m = re.match(r"(\w+)(\[\d+\])?=", msg)
+    return f"{path}." if m and m.group(1) in fields else f"{path}: "
+
+
+def _blame(msg: str, node: Mapping[str, Any], locate: Any) -> str:
+    """The source of the keys a check's message names; ``key: source; ...`` when they come from several
+    files (``dim 192 is not divisible by heads 5``: dim from a preset, heads from the command line); the
+    key whose value the message quotes when it names none; else the node's own source."""
+    hits = [(m.start(), k) for k in node for m in [re.search(rf"(?<![\w.]){re.escape(str(k))}\b", msg)] if m]
+    named = [k for _, k in sorted(hits)]
+    if not named:  # e.g. "CFG schedule 'foo' does not exist": the key whose value it quotes
+        named = [k for k, v in node.items() if isinstance(v, str) and v and f"'{v}'" in msg][:1]
+    by_source: dict[str, list[str]] = {}
+    for k in named:
+        by_source.setdefault(locate(k), []).append(str(k))
+    return _sources_text(by_source) if by_source else locate("")
+
+
+def _sources_text(by_source: Mapping[str, list[str]]) -> str:
+    """``file`` when every key came from one file, else ``a, b: file1; c: file2``."""
+    if len(by_source) == 1:
+        return next(iter(by_source))
+    return "; ".join(f"{', '.join(keys)}: {src}" for src, keys in by_source.items())
 
 
 def validate_component(kind: str, node: Mapping[str, Any], *, where: str = "",
@@ -377,8 +434,23 @@ def load_experiment(ref: str | os.PathLike, overrides: list[str] | None = None) 
     for k in slots:  # cross-slot checks: a component's Config may define check(exp)
         check = getattr(configs[k], "check", None)
         if callable(check):
-            check(exp)
+            try:
+                check(exp)
+            except ConfigError as e:
+                raise ConfigError(_with_sources(str(e), composer, prov)) from None
     return exp
+
+
+def _with_sources(msg: str, composer: Composer, prov: Mapping[str, str]) -> str:
+    """A cross-slot check's message with the files of the dotted keys it quotes with their values
+    (``tokenizer.image_size=30 ... (command line)``), unless it names a source already."""
+    if any(f"({src}" in msg for src in set(prov.values())):
+        return msg
+    keys = [k for k in dict.fromkeys(re.findall(r"(?<![\w.])(\w+(?:\.\w+)+)=", msg)) if k in prov]
+    by_source: dict[str, list[str]] = {}
+    for k in keys:
+        by_source.setdefault(composer.where(tuple(k.split("."))), []).append(k)
+    return f"{msg} ({_sources_text(by_source)})" if by_source else msg
 
 
 def _is_under(path: Path, root: Path) -> bool:

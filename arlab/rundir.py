@@ -21,6 +21,9 @@ import fcntl
 import json
 import math
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,11 +67,19 @@ def planned_run_dir(exp: Any) -> Path:
     """The run directory ``exp`` will use (``run.dir``, else ``runs/<experiment>/<time>``; set in ``exp``);
     nothing is created."""
     d = exp.run.dir or os.path.join("runs", exp.name, _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path = Path(d)
+    clash = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:
+        what = "is an existing file" if clash == path else f"is under '{clash}', an existing file"
+        raise ConfigError(f"run.dir '{d}' {what}; give a folder (or leave run.dir empty for runs/<experiment>/<time>)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / "config.yaml").is_dir():
+            raise IsADirectoryError(f"'{path / 'config.yaml'}' is a folder")
+    except OSError as e:
+        raise ConfigError(f"run.dir '{d}' cannot be used as a run directory: {e.strerror or e}") from None
     exp.run.dir = d
     exp.tree["run"]["dir"] = d
-    path = Path(d)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"run.dir '{d}' exists and is not a directory")
     return path
 
 
@@ -164,17 +175,59 @@ def write_metrics(run: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
     return atomic_write(Path(run) / "metrics.json", text)
 
 
-def read_task_checkpoint(path: str | os.PathLike, task: str, map_location: str = "cpu") -> tuple[dict, dict[str, Any]]:
+def _load_error(e: BaseException) -> str:
+    """A one-line reason from what ``torch.load`` raised on a bad file."""
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if m:  # weights_only refused the pickle: not a checkpoint (or not one arlab writes)
+        return f"unpickling failed: {m.group(1).strip()}"
+    first = text.splitlines()[0].split(". This is an internal")[0].strip() if text else ""
+    return f"{type(e).__name__}: {first}"[:200] if first else type(e).__name__
+
+
+def read_task_checkpoint(path: str | os.PathLike, task: str, map_location: str = "cpu",
+                         mmap: bool = False) -> tuple[Any, Any]:
     """Load a Lightning checkpoint written by ``arlab train`` for a ``task: <task>`` experiment: returns
-    (checkpoint, its hyper-parameters); a :class:`ConfigError` naming the file when it is missing or of
-    another task."""
+    (checkpoint, its hyper-parameters); a :class:`ConfigError` naming the file when it is missing, is not a
+    readable checkpoint (empty, truncated, another format) or is of another task. ``mmap``: map the tensors
+    instead of reading them (a cheap check of a large file)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{task} checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters") or {}
-    found = (hp.get("experiment") or {}).get("task", {}).get("type")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{task} checkpoint '{path}' {what}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"'{path}' is not a readable checkpoint (the file is empty)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))  # (only torch's zip format maps)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, ImportError, OSError) as e:  # what torch.load raises on files it cannot read
+        raise ConfigError(f"'{path}' is not a readable checkpoint ({_load_error(e)}); give the checkpoint of a "
+                          f"'task: {task}' run (runs/<experiment>/checkpoints/last.ckpt)") from None
+    if not isinstance(ckpt, Mapping):
+        raise ConfigError(f"'{path}' is not a readable checkpoint (it holds a {type(ckpt).__name__}, not a "
+                          "Lightning checkpoint written by 'arlab train')")
+    hp = ckpt.get("hyper_parameters")
+    experiment = hp.get("experiment") if isinstance(hp, Mapping) else None
+    if not isinstance(experiment, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        missing = "hyper_parameters.experiment" if not isinstance(experiment, Mapping) else "state_dict"
+        raise ConfigError(f"'{path}' is not a readable checkpoint (it has no {missing}: not written by "
+                          f"'arlab train'); give the checkpoint of a 'task: {task}' run")
+    task_node = experiment.get("task")
+    found = task_node.get("type") if isinstance(task_node, Mapping) else None
     if found != task:
         raise ConfigError(f"'{path}' is not a {task} checkpoint (its task is {found!r}); give the checkpoint of a "
                           f"'task: {task}' run (runs/<experiment>/checkpoints/last.ckpt)")
     return ckpt, hp
+
+
+def check_resume_checkpoint(path: str | os.PathLike, task: str) -> None:
+    """Refuse, before any training, a checkpoint that cannot resume a ``task: <task>`` run: unreadable
+    (empty, truncated, not a checkpoint), of another task, or holding weights only (no optimizer state)."""
+    try:
+        ckpt, _ = read_task_checkpoint(path, task, mmap=True)
+    except ConfigError as e:
+        raise ConfigError(f"run.resume: {e} (or train into a new run.dir)") from None
+    if "optimizer_states" not in ckpt:
+        raise ConfigError(f"run.resume: '{path}' holds weights only (no optimizer state), so it cannot resume a "
+                          "run; give a checkpoint that 'arlab train' wrote (checkpoints/last.ckpt or step-N.ckpt)")

@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from arlab.config import Experiment, load_experiment
 from arlab.errors import ConfigError, Interrupted
 from arlab.registry import get
-from arlab.rundir import RunLock, planned_run_dir, run_dir, run_of_checkpoint, write_metrics
+from arlab.rundir import RunLock, check_resume_checkpoint, planned_run_dir, run_dir, run_of_checkpoint, write_metrics
 from arlab.task.base import Task, Upstream
 
 log = logging.getLogger("arlab.train")
@@ -110,6 +110,9 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
     task_cls = get("task", exp.tree["task"]["type"]).cls
     task_cfg = exp.config("task")
     run = run_dir(exp)
+    ckpt_path = resume_path(exp, run)
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path, exp.tree["task"]["type"])  # readable, same task: before training
     for up in task_cls.upstream(task_cfg, exp):
         train_upstream(up, exp)
     pl.seed_everything(exp.run.seed, workers=True, verbose=False)
@@ -117,7 +120,6 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
     meta = task_cls.data_meta(task_cfg, datamodule)
     module: Task = exp.build("task", experiment=exp.tree, meta=meta)
     trainer = build_trainer(exp, run, callbacks)
-    ckpt_path = resume_path(exp, run)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     t0 = time.perf_counter()

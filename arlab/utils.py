@@ -1,4 +1,4 @@
-"""Small shared utilities: image grids, file locks, and outputs that appear complete or not at all."""
+"""Small shared utilities: image grids, file locks, device checks, and outputs that appear complete or not at all."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from arlab.errors import ConfigError
 
 
 def image_grid(images_nhwc: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
@@ -168,3 +170,28 @@ def npz_bytes(**arrays: Any) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def check_device(device: str) -> str:
+    """``device`` when torch can use it on this machine (cpu, cuda, cuda:N, mps, ...); else a ConfigError
+    saying why not (before any model is loaded onto it)."""
+    if device == "cpu":
+        return device
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"'{device}' is not a device name (cpu, cuda, cuda:N, mps)") from None
+    if d.type == "cpu":
+        return device
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device '{device}' is not available: torch sees no CUDA GPU on this machine (use cpu)")
+        if d.index is not None and d.index >= n:
+            raise ConfigError(f"device '{device}' is not available: torch sees {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+        return device
+    backend = getattr(torch.backends, d.type, None) if d.type == "mps" else getattr(torch, d.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and available():
+        return device
+    raise ConfigError(f"device '{device}' is not available on this machine (use cpu)")

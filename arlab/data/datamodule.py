@@ -161,16 +161,17 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         shard_size: int = 1000  # samples per shard when packing source
 
         def __post_init__(self) -> None:
-            if self.image_size < 1 or self.batch_size < 1:
-                raise ConfigError(f"image_size and batch_size must be positive, got {self.image_size}, "
-                                  f"{self.batch_size}")
+            for key, lo in (("image_size", 1), ("batch_size", 1), ("val_batch_size", 0), ("shard_size", 1)):
+                if getattr(self, key) < lo:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= {lo}")
             if not 0.0 <= self.flip <= 1.0:
                 raise ConfigError(f"flip is a probability in [0, 1], got {self.flip}")
             if self.interpolation not in _RESAMPLE:
                 choices = ", ".join(_RESAMPLE)
                 raise ConfigError(f"interpolation {self.interpolation!r} is not one of {choices}")
-            if self.num_workers < 0 or self.shuffle_buffer < 0:
-                raise ConfigError("num_workers and shuffle_buffer must be >= 0")
+            for key in ("num_workers", "shuffle_buffer"):
+                if getattr(self, key) < 0:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
 
     def __init__(self, cfg: Config, seed: int = 0, rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -244,8 +245,9 @@ class ShapesDataModule(ShardDataModule):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            if self.n_train < 1 or self.n_test < 0 or self.gen_size < 16:
-                raise ConfigError("shapes needs n_train >= 1, n_test >= 0 and gen_size >= 16")
+            for key, lo in (("n_train", 1), ("n_test", 0), ("gen_seed", 0), ("gen_size", 16)):
+                if getattr(self, key) < lo:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= {lo} (shapes)")
 
     @property
     def root(self) -> Path:
@@ -268,7 +270,7 @@ class ShapesDataModule(ShardDataModule):
 def manifest_summary(root: str | os.PathLike) -> str:
     """Human-readable summary of a shard folder (used by 'arlab data info')."""
     m = read_manifest(root)
-    lines = [f"{m['name']}  ({m['kind']}, {len(m['classes'])} classes, format {m['format']})"]
+    lines = [f"{m['name']}  ({m.get('kind', 'images')}, {len(m['classes'])} classes, format {m['format']})"]
     for split, info in m["splits"].items():
         sizes = ", ".join(f"{k}: {v}" for k, v in list(info.get("image_sizes", {}).items())[:4])
         lines.append(f"  {split:<8} {info['count']:>9} samples  {len(info['shards']):>5} shards  {sizes}")

@@ -202,7 +202,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> P
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``root/dataset.json``; every listed shard must exist."""
+    """Read and check ``root/dataset.json``: an arlab manifest (format, name, classes, splits with their
+    shards; token shards also their tokenizer) whose listed shards all exist; a one-line DataError naming
+    the file and what is missing otherwise."""
     root = Path(root)
     path = root / MANIFEST if root.is_dir() or not root.suffix else root
     if not path.exists():
@@ -211,13 +213,52 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
             "(make one with 'arlab data pack SRC OUT')"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    for split, info in manifest.get("splits", {}).items():
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): not an "
+                        "arlab manifest") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read: {e.strerror or e}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is not an arlab manifest: {problem} (arlab writes it with 'arlab data pack', "
+                        "'arlab data shapes' or 'arlab tokenize')")
+    for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             if not (path.parent / shard["name"]).exists():
                 raise DataError(f"{path}: shard '{shard['name']}' of split '{split}' is missing")
     return manifest
+
+
+def _manifest_problem(m: Any) -> str:
+    """What keeps ``m`` from being a usable manifest ("" when nothing)."""
+    if not isinstance(m, dict):
+        return f"it holds a JSON {type(m).__name__}, not an object"
+    missing = [k for k in ("format", "name", "classes", "splits") if k not in m]
+    if missing:
+        return f"missing {', '.join(repr(k) for k in missing)}"
+    if m["format"] != FORMAT:
+        return f"format {m['format']!r} is not {FORMAT!r}"
+    if not isinstance(m["classes"], list) or not all(isinstance(c, str) for c in m["classes"]):
+        return "'classes' must be a list of class names"
+    if not isinstance(m["splits"], dict):
+        return "'splits' must be an object of split name -> {count, shards}"
+    for split, info in m["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("count"), int):
+            return f"split '{split}' has no 'count'"
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                                   and isinstance(s.get("count"), int) for s in shards):
+            return f"split '{split}' has no 'shards' list of {{name, count}}"
+    kind = m.get("kind", "images")
+    if kind not in ("images", "tokens"):
+        return f"kind {kind!r} is not images or tokens"
+    if kind == "tokens":
+        tok = m.get("tokenizer")
+        need = ("checkpoint", "vocab_size", "scales", "tokens_per_image", "image_size")
+        lacking = [k for k in need if not isinstance(tok, dict) or k not in tok]
+        if lacking:
+            return f"token shards without 'tokenizer' {', '.join(lacking)}"
+    return ""

@@ -76,8 +76,9 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         shuffle_buffer: int = 2000
 
         def __post_init__(self) -> None:
-            if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
-                raise ConfigError("batch_size must be >= 1, num_workers and shuffle_buffer >= 0")
+            for key, lo in (("batch_size", 1), ("val_batch_size", 0), ("num_workers", 0), ("shuffle_buffer", 0)):
+                if getattr(self, key) < lo:
+                    raise ConfigError(f"{key}={getattr(self, key)}: must be >= {lo}")
             if not self.root and not self.tokenizer_ckpt:
                 raise ConfigError("data/tokens needs root (token shards) or tokenizer_ckpt (to make them)")
 

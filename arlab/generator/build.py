@@ -78,7 +78,11 @@ def load_generator(path: str | os.PathLike, map_location: str = "cpu") -> Traine
     """A trained ``task/generator`` run from its checkpoint (eval mode); refuses a tokenizer checkpoint whose
     quantizer is not the one the generator was trained with (next-scale binds it)."""
     ckpt, hp = read_task_checkpoint(path, "generator", map_location)
-    experiment, meta = hp["experiment"], hp["meta"]
+    experiment, meta = hp["experiment"], hp.get("meta")
+    if not isinstance(meta, dict) or not isinstance(experiment.get("backbone"), dict):
+        raise ConfigError(f"'{path}' is not a readable generator checkpoint (its hyper-parameters lack "
+                          f"{'meta' if not isinstance(meta, dict) else 'experiment.backbone'}: not written by "
+                          "'arlab train')")
     task = dict(experiment["task"])
     if "eval_metrics" not in task and str(meta.get("dataset", "")).startswith("shapes"):
         task["eval_metrics"] = ["shapes_checker"]  # runs from before metrics were components: scored by the checker
@@ -92,5 +96,9 @@ def load_generator(path: str | os.PathLike, map_location: str = "cpu") -> Traine
     if changed:
         raise ConfigError(f"the tokenizer '{meta['tokenizer_ckpt']}' is not the one '{path}' was trained with: "
                           f"its quantizer differs ({changed[0]}, ...); restore that tokenizer checkpoint")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # weights that do not fit the model its own config describes: a damaged file
+        raise ConfigError(f"'{path}': its weights do not fit the generator its config describes "
+                          f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
     return TrainedGenerator(model.eval(), tokenizer, meta, cfg, experiment, int(ckpt.get("global_step", 0)))

@@ -44,6 +44,7 @@ class ShapesChecker(Metric):
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:
         if not is_shapes_data(data_node):
-            raise ConfigError(f"metric shapes_checker scores images of the shapes set, but data is "
-                              f"{data_node.get('type')} ({data_node.get('images') or data_node.get('root', '')}); "
-                              "remove it from task.eval_metrics")
+            what = (f"data.images={data_node.get('images')}" if data_node.get("type") == "tokens" else
+                    f"data.type={data_node.get('type')} ({data_node.get('root', '')})")
+            raise ConfigError(f"metric shapes_checker scores images of the shapes set, but {what} is not the shapes "
+                              "set; remove it from task.eval_metrics")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from arlab.backbone.base import check_serves
-from arlab.config import build, load_experiment, resolve_node, validate_component
+from arlab.config import build, check_range, load_experiment, resolve_node, validate_component
 from arlab.data.stream import sample_seed
 from arlab.data.tokens import TokenDataModule
 from arlab.errors import ConfigError
@@ -79,9 +79,24 @@ class GeneratorModule(Task):
         def __post_init__(self) -> None:
             if self.lr_schedule not in ("constant", "cosine"):
                 raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of constant, cosine")
-            check_schedule(self.sample_schedule)
+            try:
+                check_schedule(self.sample_schedule)
+            except ConfigError as e:
+                raise ConfigError(f"sample_schedule={self.sample_schedule!r}: {e}") from None
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
+            for i, b in enumerate(self.betas):
+                check_range(f"betas[{i}]", b, ge=0, lt=1)
+            check_range("lr", self.lr, gt=0)
+            for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
+                        "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
+                        "vocab_size"):
+                check_range(key, getattr(self, key), ge=0)
+            check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+            check_range("token_dropout", self.token_dropout, ge=0, lt=1)
+            if self.sample_every_n_steps and self.n_sample_images < 1:
+                raise ConfigError(f"n_sample_images={self.n_sample_images}: must be >= 1 when sample_every_n_steps > 0 "
+                                  "(or set sample_every_n_steps: 0)")
 
         def check(self, exp) -> None:
             """Config-time checks: slots present, the backbone serves the order, metrics fit the data."""
@@ -148,13 +163,29 @@ class GeneratorModule(Task):
                 "num_classes": datamodule.num_classes, "classes": datamodule.classes,
                 "dataset": datamodule.manifest["name"], "images": datamodule.cfg.images,
                 "tokenizer_ckpt": str(Path(cfg.tokenizer_ckpt).resolve()),
-                "image_size": int(tok["image_size"])}
+                "image_size": int(tok["image_size"]), "captions": bool(datamodule.manifest.get("captions"))}
+
+    @staticmethod
+    def check_captions(experiment: dict[str, Any], meta: dict[str, Any]) -> None:
+        """A text conditioner needs captions: from the data (its manifest says ``captions: true``) or made from
+        class names by ``conditioner.template``; refused before training otherwise."""
+        node = experiment.get("conditioner") or {"type": "class"}
+        node = {"type": node} if isinstance(node, str) else node
+        if not get("conditioner", str(node.get("type"))).cls.accepts_text or node.get("template"):
+            return
+        if meta.get("captions", True):  # (a checkpoint from before the key: trust it)
+            return
+        raise ConfigError(f"conditioner {node.get('type')} trains on captions, but the data '{meta.get('dataset')}' "
+                          "has none (its manifest says captions: false) and conditioner.template is empty: set "
+                          "conditioner.template (e.g. 'a photo of a {}') to caption images by class name, or use "
+                          "conditioner: class")
 
     def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,
                  meta: dict[str, Any] | None = None):
         super().__init__()
         if experiment is None or meta is None:
             raise ConfigError("GeneratorModule needs the experiment config and the data meta (experiment=, meta=)")
+        self.check_captions(experiment, meta)
         self.cfg = cfg if cfg is not None else validate_component("task", experiment["task"])[1]
         self.save_hyperparameters({"experiment": experiment, "meta": meta})  # plain dicts only
         self.meta = meta

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arlab.config import build, validate_component
+from arlab.config import build, check_range, validate_component
 from arlab.errors import ConfigError
 from arlab.metrics import CodebookUsage, psnr, ssim
 from arlab.registry import register
@@ -80,6 +80,14 @@ class TokenizerModule(Task):
                     raise ConfigError(f"{key} {values[key]!r} is not one of {', '.join(valid)}")
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
+            for i, b in enumerate(self.betas):
+                check_range(f"betas[{i}]", b, ge=0, lt=1)
+            check_range("lr", self.lr, gt=0)
+            for key in ("weight_decay", "warmup_steps", "grad_clip", "rec_weight", "quant_weight", "perceptual_weight",
+                        "disc_weight", "disc_start", "disc_lr_ratio", "log_images_every_n_steps", "n_log_images"):
+                check_range(key, values[key], ge=0)
+            check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+            check_range("usage_window", self.usage_window, ge=1)
 
         def check(self, exp) -> None:
             if not exp.has("tokenizer"):
