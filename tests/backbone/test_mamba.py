@@ -66,3 +66,10 @@ def test_bad_configs():
 
     with pytest.raises(ConfigError, match="not divisible by head_dim"):
         Mamba(Mamba.Config(dim=48, head_dim=64, expand=1))
+
+
+@pytest.mark.parametrize("llama,mamba", [("shapes", "mamba-shapes"), ("s", "mamba-s"), ("b", "mamba-b")])
+def test_presets_are_parameter_matched_to_the_llama_presets(llama, mamba):
+    count = lambda name: sum(p.numel() for p in build("backbone", name).parameters())
+    a, b = count(llama), count(mamba)
+    assert abs(b - a) / a < 0.05, (a, b)

@@ -1,0 +1,81 @@
+"""Per-token decode time at growing positions: Llama (KV cache) against Mamba-2 (recurrent state).
+
+    python benchmarks/bench_decode.py                         # d 256, 4 blocks, batch 1, CPU
+    python benchmarks/bench_decode.py --dim 768 --depth 12 --batch 64 --device cuda
+
+Both backbones get the same width and depth. For each position p the state is filled with p positions
+(one prefill), then ``--repeat`` single-position ``step`` calls are timed; the table gives ms per token,
+and the decode-state memory per sequence (Llama: its KV cache for ``--max-len`` positions; Mamba: conv
+and SSM state, the same at every position). Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from arlab.config import build
+
+
+def per_token_ms(bb, batch: int, pos: int, max_len: int, repeat: int, device: str) -> float:
+    state = bb.init_state(batch, max_len, torch.float32, torch.device(device))
+    x = torch.randn(batch, pos, bb.dim, device=device)
+    mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+    tables = bb.position_tables(torch.arange(max_len, device=device).float(), torch.zeros(max_len, device=device),
+                                torch.zeros(max_len, dtype=torch.bool, device=device))
+    take = lambda idx: tuple(t[idx] for t in tables)
+    idx = torch.arange(pos, device=device)
+    bb.prefill(x, state, idx, take(idx), mask[idx])
+    step_x = torch.randn(batch, 1, bb.dim, device=device)
+    times = []
+    for r in range(repeat + 1):  # the first call warms up
+        i = torch.tensor([pos + r], device=device)
+        t0 = time.perf_counter()
+        bb.step(step_x, state, i, take(i), mask[i])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2]  # median
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--positions", default="64,256,1024,4096")
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    positions = [int(p) for p in args.positions.split(",")]
+    max_len = max(positions) + args.repeat + 2
+    heads = max(1, args.dim // 64)
+    models = {"llama (KV cache)": {"type": "llama", "dim": args.dim, "depth": args.depth, "heads": heads},
+              "mamba (state)": {"type": "mamba", "dim": args.dim, "depth": args.depth}}
+    rows = []
+    print(f"threads {torch.get_num_threads()}, device {args.device}, batch {args.batch}, d {args.dim}, "
+          f"depth {args.depth}")
+    print(f"{'backbone':<18}" + "".join(f"{'p=' + str(p):>10}" for p in positions) + f"{'state/seq':>14}")
+    for name, node in models.items():
+        torch.manual_seed(0)
+        bb = build("backbone", node).to(args.device).eval()
+        ms = [per_token_ms(bb, args.batch, p, max_len, args.repeat, args.device) for p in positions]
+        mem = bb.init_state(1, max_len, torch.float32, torch.device(args.device)).nbytes
+        rows.append({"backbone": name, "ms_per_token": dict(zip(positions, ms)), "state_bytes_per_seq": mem,
+                     "params": sum(p.numel() for p in bb.parameters())})
+        print(f"{name:<18}" + "".join(f"{v:>10.2f}" for v in ms) + f"{mem / 2**20:>11.2f} MiB")
+    for r in rows:
+        ms = list(r["ms_per_token"].values())
+        print(f"{r['backbone']}: p={positions[-1]} / p={positions[0]} = {ms[-1] / ms[0]:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
