@@ -17,6 +17,7 @@ Assembly and loading without Lightning: :mod:`arlab.generator.build`; sampling t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,10 +89,11 @@ class GeneratorModule(Task):
             for i, b in enumerate(self.betas):
                 check_range(f"betas[{i}]", b, ge=0, lt=1)
             check_range("lr", self.lr, gt=0)
+            values = dataclasses.asdict(self)
             for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
                         "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
                         "vocab_size"):
-                check_range(key, getattr(self, key), ge=0)
+                check_range(key, values[key], ge=0)
             check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
             check_range("token_dropout", self.token_dropout, ge=0, lt=1)
             if self.sample_every_n_steps and self.n_sample_images < 1:
