@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from arlab.layers import decay_groups
 from arlab.registry import register_kind
+from arlab.schedules import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,15 @@ class Task(pl.LightningModule):
     def data_meta(cls, cfg: Any, datamodule: Any) -> dict[str, Any]:
         """Facts about the data the model needs at build time (default: none)."""
         return {}
+
+    def adamw_warmup_cosine(self, module: nn.Module, lr: float, betas: list[float], weight_decay: float,
+                            warmup_steps: int, lr_schedule: str, min_lr_ratio: float) -> dict[str, Any]:
+        """AdamW over ``module`` (decay groups from :mod:`arlab.layers`) with warm-up and constant / cosine
+        decay over the trainer's ``max_steps``: what ``configure_optimizers`` returns."""
+        opt = torch.optim.AdamW(decay_groups(module, weight_decay), lr=lr, betas=tuple(betas))
+        total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total, lr_schedule, min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def tensorboard(self) -> SummaryWriter | None:
         """The run's TensorBoard writer on rank 0 (None without a TensorBoard logger, and on other ranks)."""

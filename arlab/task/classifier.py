@@ -25,9 +25,7 @@ from arlab.config import validate_component
 from arlab.data.datamodule import ShardDataModule
 from arlab.errors import ConfigError
 from arlab.features.classifier import SmallCNN
-from arlab.layers import decay_groups
 from arlab.registry import register
-from arlab.schedules import warmup_cosine
 from arlab.task.base import Task
 
 
@@ -89,12 +87,9 @@ class ClassifierModule(Task):
         self.last_val: dict[str, float] = {}
 
     def configure_optimizers(self):
-        c = self.cfg
-        opt = torch.optim.AdamW(decay_groups(self.net, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
-        total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, total, c.lr_schedule,
-                                                                     c.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        c = self.cfg  # decay on >= 2-D weights except those a component marks exempt; a bound msvq is frozen
+        return self.adamw_warmup_cosine(self.net, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.lr_schedule,
+                                        c.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.cfg.grad_clip > 0:

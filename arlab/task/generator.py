@@ -37,10 +37,8 @@ from arlab.generator.evaluate import eval_conditions, score
 from arlab.generator.layout import Layout
 from arlab.generator.sample import generate_images
 from arlab.generator.sampling import check_schedule
-from arlab.layers import decay_groups
 from arlab.registry import get, register
 from arlab.rundir import read_task_checkpoint
-from arlab.schedules import warmup_cosine
 from arlab.task.base import Task, Upstream
 from arlab.tokenizer.load import load_tokenizer
 from arlab.tokenizer.vqgan import VQGANTokenizer
@@ -210,14 +208,9 @@ class GeneratorModule(Task):
         return self._tokenizer.to(self.device)  # (no-op when already there; a bound msvq moves with the model)
 
     def configure_optimizers(self):
-        c = self.cfg
-        # decay on >= 2-D weights except those a component marks exempt (VAR's level / position embeddings);
-        # a bound msvq is frozen
-        opt = torch.optim.AdamW(decay_groups(self.model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))
-        total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, total, c.lr_schedule,
-                                                                     c.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        c = self.cfg  # decay on >= 2-D weights except those a component marks exempt; a bound msvq is frozen
+        return self.adamw_warmup_cosine(self.model, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.lr_schedule,
+                                        c.min_lr_ratio)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.cfg.grad_clip > 0:
