@@ -48,7 +48,10 @@ def generator_body(tmp: Path, ckpt: Path, tok_exp: Path, run: str, shuffle: int 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, arlab_cache):
-    """One generator experiment whose tokenizer does not exist yet: the whole chain runs."""
+    """One generator experiment whose tokenizer does not exist yet: the whole chain runs.
+
+    Its train/ce after 12 steps, over run.seed 0-2 x 1 and 2 threads: 5.89-6.07 (bound ln 1000 + 0.1 = 7.01).
+    """
     tmp = tmp_path_factory.mktemp("gen")
     ckpt = tmp / "tok" / "checkpoints" / "last.ckpt"
     tok_exp = write(tmp / "tok.yaml", tokenizer_body(tmp / "unused"))
