@@ -16,6 +16,10 @@ defaults filled in and ``${...}`` interpolations resolved, so ``config.yaml`` in
 reproduces the run on its own. :func:`build` makes one component from any node form (preset name,
 ``{preset: ..}``, ``{type: ..}``, a validated Config); it is the one build path, used by experiments
 and by components that hold others (a tokenizer its quantizer, a generator its backbone).
+
+Longer than 400 lines because the section schemas (``run``, ``trainer``) with their range checks, the
+validation that reports each bad key with its file, and the resolved ``Experiment`` form one API that
+:mod:`arlab.compose` feeds; composition itself is in that module.
 """
 
 from __future__ import annotations

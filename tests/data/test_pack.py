@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -224,7 +225,9 @@ def test_archive_gives_the_same_shards_as_the_directory(folder, tmp_path, mode, 
 def test_wrapping_directory_is_stripped(folder, tmp_path):
     src, _ = folder
     ref = pack(src, tmp_path / "ref")
-    m = pack(src.parent, tmp_path / "wrapped", splits=["train", "test"])  # tmp_path/imagefolder/train/...
+    outer = tmp_path / "outer"
+    shutil.copytree(src, outer / src.name)  # outer/imagefolder/train/... (the output must lie outside the input)
+    m = pack(outer, tmp_path / "wrapped", splits=["train", "test"])
     assert shard_bytes(tmp_path / "wrapped") == shard_bytes(tmp_path / "ref")
     assert m["splits"] == ref["splits"]
 
