@@ -270,12 +270,6 @@ class Experiment:
             return yaml.dump(tree or self.tree, Dumper=_BlockDictsFlowLists, sort_keys=False, width=100)
         return _annotated_yaml(self.tree, self.provenance)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# resolved config of experiment {self.name} (arlab; reload with "
-                        f"'arlab config {path}')\n" + self.to_yaml())
-        return path
 
 
 class _BlockDictsFlowLists(yaml.SafeDumper):

@@ -85,6 +85,7 @@ class _Decoding:
     tables: tuple[Tensor, ...]  # position tables of every input slot
     order_state: Any
     dtype: torch.dtype
+    bias: Tensor | None  # the order's per-input-slot embeddings, computed once per call
 
 
 class Generator(nn.Module):
@@ -254,14 +255,16 @@ class Generator(nn.Module):
         preallocated decode states for the whole sequence, position tables of every input slot."""
         dev = cond.device
         conds = torch.cat([cond, self.conditioner.null_like(cond)]) if guidance.guided else cond
-        prefix, vec, valid = self._condition(conds, self.order.input_bias())
+        bias = self.order.input_bias()
+        prefix, vec, valid = self._condition(conds, bias)
         nb, total = prefix.shape[0], self.prefix_len + self.plan.length - 1
         dtype = next(self.backbone.parameters()).dtype
         if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
             dtype = torch.get_autocast_dtype(dev.type)
         states = [m.init_state(nb, total, dtype, dev) for m in (self.backbone, self.branch) if m is not None]
         order_state = self.order.start_sampling() if self.order.continuous else None
-        return _Decoding(cond.shape[0], guidance, prefix, vec, valid, states, self._tables(None), order_state, dtype)
+        return _Decoding(cond.shape[0], guidance, prefix, vec, valid, states, self._tables(None), order_state, dtype,
+                         bias)
 
     def _feed(self, ctx: _Decoding, x: Tensor, pos_l: Tensor, tables: tuple[Tensor, ...], mask: Tensor) -> list[Tensor]:
         """Feed new positions into the decode state(s): hidden states per head (backbone, and NAR's branch)."""
@@ -277,7 +280,7 @@ class Generator(nn.Module):
         """Step 0: the condition tokens, causal among themselves → the first step's logits (nb, n_t, s², V)."""
         p, dev = self.prefix_len, ctx.prefix.device
         pos_l = torch.arange(p, device=dev)
-        mask = torch.ones(p, self.prefix_len + self.plan.length - 1, dtype=torch.bool, device=dev).tril()
+        mask = self.train_mask[:p]  # the condition, causal among itself, over the whole decode state
         tables = self.backbone.position_tables(torch.zeros(p, device=dev), torch.zeros(p, device=dev),
                                                torch.ones(p, dtype=torch.bool, device=dev))
         hids = [h[:, -1:] for h in self._feed(ctx, ctx.prefix.to(ctx.dtype), pos_l, tables, mask)]
@@ -293,8 +296,7 @@ class Generator(nn.Module):
             x = self.shuffle.shuffle_windows(buf[:, lay.win_index[self.in_cells[isl]]])
         else:
             x = self.embed_windows(codes_bn[:, lay.win_index[self.in_cells[isl]]])
-        bias = self.order.input_bias()
-        return x if bias is None else x + bias[isl]
+        return x if ctx.bias is None else x + ctx.bias[isl]
 
     def decode_step(self, ctx: _Decoding, step: int, codes_bn: Tensor) -> Tensor:
         """Order step ``step`` ≥ 1: feed its inputs at their positions → logits of its targets (nb, n_t, s², V)."""

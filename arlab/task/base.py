@@ -48,6 +48,7 @@ class Task(pl.LightningModule):
     """Base class of ``task/*`` components (the hooks the trainer calls, with their defaults)."""
 
     tokens_per_sample: int = 0  # tokens per training sample (0: no tokens/s scalar)
+    grad_clip: float = 0.0  # max gradient norm under automatic optimization (a task sets it from its config)
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,6 +72,10 @@ class Task(pl.LightningModule):
         total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total, lr_schedule, min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def tensorboard(self) -> SummaryWriter | None:
         """The run's TensorBoard writer on rank 0 (None without a TensorBoard logger, and on other ranks)."""

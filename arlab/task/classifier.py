@@ -77,6 +77,7 @@ class ClassifierModule(Task):
         if experiment is None or meta is None:
             raise ConfigError("ClassifierModule needs the experiment config and the data meta (experiment=, meta=)")
         self.cfg = cfg if cfg is not None else validate_component("task", experiment["task"])[1]
+        self.grad_clip = self.cfg.grad_clip
         if meta["num_classes"] < 2:
             raise ConfigError(f"task 'classifier' needs at least 2 classes; {meta.get('dataset')} has "
                               f"{meta['num_classes']}")
@@ -90,10 +91,6 @@ class ClassifierModule(Task):
         c = self.cfg  # decay on >= 2-D weights except those a component marks exempt; a bound msvq is frozen
         return self.adamw_warmup_cosine(self.net, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.lr_schedule,
                                         c.min_lr_ratio)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.cfg.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
 
     def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, int]:
         y = batch["label"]

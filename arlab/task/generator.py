@@ -121,7 +121,8 @@ class GeneratorModule(Task):
             """The tokenizer's token maps (from its checkpoint, else from the experiment that trains it) against
             the Token-Shuffle window and the order, before any tokenizer is trained or data tokenized."""
             if Path(self.tokenizer_ckpt).is_file():
-                tok_node = read_task_checkpoint(self.tokenizer_ckpt, "tokenizer")[1]["experiment"]["tokenizer"]
+                hp = read_task_checkpoint(self.tokenizer_ckpt, "tokenizer", mmap=True)[1]  # mapped: no tensor reads
+                tok_node = hp["experiment"]["tokenizer"]
                 where = f"tokenizer checkpoint {self.tokenizer_ckpt}"
             elif self.tokenizer_experiment:
                 tok_exp = load_experiment(self.tokenizer_experiment, list(self.tokenizer_overrides))
@@ -187,6 +188,7 @@ class GeneratorModule(Task):
             raise ConfigError("GeneratorModule needs the experiment config and the data meta (experiment=, meta=)")
         self.check_captions(experiment, meta)
         self.cfg = cfg if cfg is not None else validate_component("task", experiment["task"])[1]
+        self.grad_clip = self.cfg.grad_clip
         self.save_hyperparameters({"experiment": experiment, "meta": meta})  # plain dicts only
         self.meta = meta
         self.run_seed = int((experiment.get("run") or {}).get("seed", 0))
@@ -211,10 +213,6 @@ class GeneratorModule(Task):
         c = self.cfg  # decay on >= 2-D weights except those a component marks exempt; a bound msvq is frozen
         return self.adamw_warmup_cosine(self.model, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.lr_schedule,
                                         c.min_lr_ratio)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.cfg.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
 
     def _codes(self, batch: dict[str, Any]) -> Tensor:
         tokens = batch["tokens"]
