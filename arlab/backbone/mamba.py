@@ -35,6 +35,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from arlab.backbone.base import CAUSAL, Backbone, Capabilities, DecodeState
+from arlab.backbone.modulation import AdaLN, FinalModulation, LearnedPositions, check_cond, modulated
 from arlab.errors import ConfigError
 from arlab.layers import RMSNorm, find_multiple, no_weight_decay
 from arlab.registry import register
@@ -111,31 +112,44 @@ class Mixer(nn.Module):
         B, C = (repeat(t, "b l (g n) -> b l (g r) n", g=self.groups, r=self.heads // self.groups) for t in (B, C))
         return x, B, C
 
-    def forward(self, u_bld: Tensor, conv_state: Tensor | None = None,
-                ssm_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, d) from the given state (None: zeros) → (out (B, L, d), new conv state, new SSM state)."""
-        d_inner = self.heads * self.head_dim
-        z, xbc, dt = self.in_proj(u_bld).split([d_inner, self.conv.in_channels, self.heads], dim=-1)
+    def project(self, u_bld: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, d) → z (B, L, d_inner), conv input xBC (B, L, C_conv), raw dt (B, L, H)."""
+        return self.in_proj(u_bld).split([self.heads * self.head_dim, self.conv.in_channels, self.heads], dim=-1)
+
+    def conv_in(self, xbc: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Causal depthwise conv + SiLU of (B, L, C) after the state's last d_conv − 1 inputs (None: zeros)
+        → (activations (B, L, C), the new conv state)."""
         xbc_t = xbc.transpose(1, 2)  # (B, C, L)
         if conv_state is None:
             conv_state = xbc_t.new_zeros(xbc_t.shape[0], xbc_t.shape[1], self.d_conv - 1)
         full = torch.cat([conv_state.to(xbc_t.dtype), xbc_t], dim=-1)  # causal: the previous inputs first
-        new_conv = full[..., full.shape[-1] - (self.d_conv - 1):]
-        xbc = F.silu(self.conv(full)).transpose(1, 2)  # (B, L, C)
+        return F.silu(self.conv(full)).transpose(1, 2), full[..., full.shape[-1] - (self.d_conv - 1):]
+
+    def ssm_inputs(self, xbc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Activated xBC and raw dt → x (B, L, H, P), B, C (B, L, H, N), dt (B, L, H), A (H,), in fp32 at least."""
         x, B, C = self._split(xbc)
         f = torch.float64 if x.dtype == torch.float64 else torch.float32  # the scan in fp32 at least
         dt = F.softplus(dt.to(f) + self.dt_bias.to(f))
-        A = -torch.exp(self.A_log.to(f))
+        return x.to(f), B.to(f), C.to(f), dt, -torch.exp(self.A_log.to(f))
+
+    def finish(self, y: Tensor, x: Tensor, z: Tensor) -> Tensor:
+        """SSM output y (B, L, H, P) (without the D term) → ``out_proj(norm((y + D·x) · SiLU(z)))`` (B, L, d)."""
+        y = (y + x * self.D.to(x.dtype)[:, None]).to(z.dtype)
+        return self.out_proj(self.norm(rearrange(y, "b l h p -> b l (h p)") * F.silu(z)))
+
+    def forward(self, u_bld: Tensor, conv_state: Tensor | None = None,
+                ssm_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, d) from the given state (None: zeros) → (out (B, L, d), new conv state, new SSM state)."""
+        z, xbc, dt = self.project(u_bld)
+        xbc, new_conv = self.conv_in(xbc, conv_state)
+        x, B, C, dt, A = self.ssm_inputs(xbc, dt)
         if x.shape[1] == 1 and ssm_state is not None:  # the recurrence, one position
-            dA = torch.exp(dt[:, 0] * A)  # (B, H)
-            h = ssm_state.to(f) * dA[..., None, None] + torch.einsum(
-                "bh,bhp,bhn->bhpn", dt[:, 0].to(f), x[:, 0].to(f), B[:, 0].to(f))
-            y = torch.einsum("bhpn,bhn->bhp", h, C[:, 0].to(f))[:, None]
+            h = ssm_state.to(x.dtype) * torch.exp(dt[:, 0] * A)[..., None, None] + torch.einsum(
+                "bh,bhp,bhn->bhpn", dt[:, 0], x[:, 0], B[:, 0])
+            y = torch.einsum("bhpn,bhn->bhp", h, C[:, 0])[:, None]
         else:
-            y, h = ssd_chunked(x.to(f), dt.to(f), A.to(f), B.to(f), C.to(f), self.chunk, ssm_state)
-        y = (y + x.to(f) * self.D.to(f)[:, None]).to(u_bld.dtype)
-        y = rearrange(y, "b l h p -> b l (h p)") * F.silu(z)
-        return self.out_proj(self.norm(y)), new_conv, h
+            y, h = ssd_chunked(x, dt, A, B, C, self.chunk, ssm_state)
+        return self.finish(y, x, z), new_conv, h
 
 
 class SwiGLU(nn.Module):
@@ -149,21 +163,47 @@ class SwiGLU(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    def __init__(self, cfg: Mamba.Config):
+    """``x + Mixer(norm(x))`` (+ ``SwiGLU(norm(·))``); with adaLN each branch is modulated (:func:`modulated`)."""
+
+    def __init__(self, cfg: Mamba.Config, mixer: nn.Module | None = None):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim)
-        self.mixer = Mixer(cfg)
+        affine = cfg.cond_mode != "adaln"
+        self.norm = RMSNorm(cfg.dim, affine=affine)
+        self.mixer = mixer if mixer is not None else Mixer(cfg)
         self.mlp = None
         if cfg.mlp_ratio > 0:
-            self.mlp_norm = RMSNorm(cfg.dim)
+            self.mlp_norm = RMSNorm(cfg.dim, affine=affine)
             self.mlp = SwiGLU(cfg.dim, find_multiple(int(cfg.mlp_ratio * cfg.dim), 64))
 
-    def forward(self, x: Tensor, conv: Tensor | None, ssm: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        out, conv, ssm = self.mixer(self.norm(x), conv, ssm)
-        x = x + out
+    @property
+    def branches(self) -> int:
+        return 1 if self.mlp is None else 2
+
+    def forward(self, x: Tensor, conv: Tensor | None, ssm: Tensor | None, mod: Tensor | None = None,
+                **scan) -> tuple[Tensor, Tensor, Tensor]:
+        """``scan``: passed to the mixer (the hybrid's step plan)."""
+        new: list[Tensor] = []
+
+        def mix(u: Tensor) -> Tensor:
+            out, c, h = self.mixer(u, conv, ssm, **scan)
+            new.extend([c, h])
+            return out
+
+        x = modulated(x, self.norm, mix, mod, 0)
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
-        return x, conv, ssm
+            x = modulated(x, self.mlp_norm, self.mlp, mod, 1)
+        return x, new[0], new[1]
+
+
+def init_projections(model: nn.Module, std: float, residual_outs: list[nn.Linear], depth: int) -> None:
+    """N(0, std) linears with zero biases; residual outputs N(0, std / sqrt(2·depth)) (GPT-2)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for lin in residual_outs:
+        nn.init.normal_(lin.weight, std=std / math.sqrt(2 * depth))
 
 
 @register("backbone", "mamba")
@@ -184,8 +224,13 @@ class Mamba(Backbone):
         dt_min: float = 0.001
         dt_max: float = 0.1
         init_std: float = 0.02  # N(0, std) init of the projections
+        cond_mode: str = "prefix"  # prefix: condition tokens only; adaln: also AiM's adaLN from the condition vector
+        adaln_groups: int = 0  # 0: one modulation per block; G: AiM's adaLN-group (G shared sets + per-block tables)
+        pos_embed: str = "none"  # none, or learned absolute 2D positions (AiM)
+        max_grid: int = 32  # rows/cols of the learned position table
 
         def __post_init__(self) -> None:
+            check_cond(self.cond_mode, self.adaln_groups, self.pos_embed, self.max_grid)
             if min(self.dim, self.depth, self.expand, self.head_dim, self.d_state, self.groups, self.chunk) < 1:
                 raise ConfigError("dim, depth, expand, head_dim, d_state, groups and chunk must be >= 1")
             if (self.expand * self.dim) % self.head_dim:
@@ -201,35 +246,47 @@ class Mamba(Backbone):
 
     @classmethod
     def capabilities(cls, cfg: Config) -> Capabilities:
-        hint = "a causal scan cannot let a step's tokens see each other; use attention inside steps (a hybrid)"
-        return Capabilities(attention=frozenset({CAUSAL}), cond_modes=frozenset({"prefix"}), cond_mode="prefix",
-                            branch=False, notes={"block_causal": hint, "arbitrary": hint})
+        hint = ("a causal scan cannot let the positions of one decoding step see each other; use backbone/hybrid "
+                "(attention inside each step, Mamba-2 across steps)")
+        return Capabilities(attention=frozenset({CAUSAL}), cond_modes=frozenset({"prefix", "adaln"}),
+                            cond_mode=cfg.cond_mode, branch=False, notes={"block_causal": hint, "arbitrary": hint})
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg, self.dim = cfg, cfg.dim
         self.blocks = nn.ModuleList([MambaBlock(cfg) for _ in range(cfg.depth)])
-        self.norm = RMSNorm(cfg.dim)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=cfg.init_std)
-        for b in self.blocks:  # GPT-2 style: residual outputs scaled by 1/sqrt(2·depth)
-            nn.init.normal_(b.mixer.out_proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.depth))
+        adaln = cfg.cond_mode == "adaln"
+        self.norm = RMSNorm(cfg.dim, affine=not adaln)
+        init_projections(self, cfg.init_std, [b.mixer.out_proj for b in self.blocks], cfg.depth)
+        # after the N(0, std) init: the modulation linears stay zero (blocks start as the identity)
+        self.ada = AdaLN(cfg.dim, [b.branches for b in self.blocks], cfg.adaln_groups) if adaln else None
+        self.final_ada = FinalModulation(cfg.dim) if adaln else None
+        self.pos = LearnedPositions(cfg.dim, cfg.max_grid) if cfg.pos_embed == "learned" else None
 
-    def _run(self, x: Tensor, state: MambaState | None, return_trunk: bool) -> Tensor | tuple[Tensor, Tensor]:
+    def position_tables(self, rows: Tensor, cols: Tensor, identity: Tensor) -> tuple[Tensor, ...]:
+        """``(pe,)`` (L, d) learned absolute positions (none for condition tokens) with ``pos_embed: learned``."""
+        return () if self.pos is None else (self.pos(rows, cols, identity),)
+
+    def _run(self, x: Tensor, pos: tuple[Tensor, ...], cond_bd: Tensor | None, state: MambaState | None,
+             return_trunk: bool) -> Tensor | tuple[Tensor, Tensor]:
+        if self.pos is not None:
+            x = x + pos[0].to(x.dtype)
+        mods = self.ada(cond_bd) if self.ada is not None else [None] * len(self.blocks)
         for i, b in enumerate(self.blocks):
             conv = None if state is None else state.conv[i]
             ssm = None if state is None else state.ssm[i]
-            x, conv, ssm = b(x, conv, ssm)
+            x, conv, ssm = b(x, conv, ssm, mods[i])
             if state is not None:
                 state.conv[i], state.ssm[i] = conv, ssm
         h = self.norm(x)
+        if self.final_ada is not None:
+            h = self.final_ada(h, cond_bd)
         return (h, x) if return_trunk else h
 
     def forward(self, x_bld: Tensor, pos: tuple[Tensor, ...], mask: Tensor | None = None,
                 cond_bd: Tensor | None = None, return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The whole sequence from a zero state (causal by construction; ``mask`` must be causal)."""
-        return self._run(x_bld, None, return_trunk)
+        return self._run(x_bld, pos, cond_bd, None, return_trunk)
 
     def init_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> MambaState:
         mx = self.blocks[0].mixer
@@ -244,4 +301,4 @@ class Mamba(Backbone):
                 return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The next L positions of the sequence from ``state`` (positions must continue it: a scan has no
         random access), chunked SSD from the state's SSM state; ``step`` for L = 1 is the recurrence."""
-        return self._run(x_bld, state, return_trunk)
+        return self._run(x_bld, pos, cond_bd, state, return_trunk)
