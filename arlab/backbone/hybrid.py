@@ -18,7 +18,8 @@ VAR's steps are contiguous scales, NAR's are anti-diagonals scattered over a ras
   write (its dt, B, x) and, after (or before) every write of its step, a read copy with dt = 0 (no decay,
   no input) that returns ``C·h`` at that point;
 * a position hidden from some position fed after it (a padded caption token) does not write (dt and its
-  conv input zeroed), so it cannot reach anyone through the scan;
+  conv input zeroed), so it cannot reach anyone through the scan; one that is moreover seen by no later
+  position reaches nobody at all, so what it reads does not matter;
 * a mask that is not of this form (a position that would receive, through the scan or the conv window, a
   position its mask hides) is refused with a ValueError: the guard runs on every call.
 
@@ -86,9 +87,11 @@ def step_plan(mask: Tensor | None, pos_l: Tensor, S: int, readout: str, written:
     unstream = stream.argsort(dim=1)
     L = pos_l.shape[0]
     reaches = (unstream[:, None, :L] < unstream[:, L:, None]) | later  # j's write or its conv input reaches query i
-    leak = (reaches & write[:, None, :] & ~cols).any()
+    dead = ~write & ~(later & cols).any(1)  # writes nothing and no later position sees it (a padded key)
+    live = ~dead[:, :, None]  # a dead position may read anything: its output reaches nobody
+    leak = (reaches & write[:, None, :] & ~cols & live).any()
     if written is not None:
-        leak = leak | (written[:, None, :] & ~mb).any()
+        leak = leak | (written[:, None, :] & ~mb & live).any()
     if bool(leak):
         raise ValueError("backbone/hybrid: a Mamba layer's scan would carry a position to one whose mask hides it; "
                          "the mask must be block-causal over decoding steps (an order plan's mask), fed step by step")

@@ -73,3 +73,72 @@ def test_presets_are_parameter_matched_to_the_llama_presets(llama, mamba):
     count = lambda name: sum(p.numel() for p in build("backbone", name).parameters())
     a, b = count(llama), count(mamba)
     assert abs(b - a) / a < 0.05, (a, b)
+
+
+@pytest.mark.parametrize("order", ["next_scale", "neighbor"])
+def test_a_pure_mamba_is_refused_for_step_orders_in_one_line_naming_the_hybrid(order):
+    from arlab.config import load_experiment
+    from arlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_experiment({"next_scale": "shapes/var", "neighbor": "shapes/nar"}[order], ["backbone=mamba-shapes"])
+    msg = str(e.value)
+    assert "\n" not in msg and f"order/{order}" in msg and "backbone/mamba cannot honour" in msg
+    assert "use backbone/hybrid" in msg
+
+
+def adaln_mamba(groups: int, **over) -> Mamba:
+    torch.manual_seed(0)
+    return build("backbone", dict(type="mamba", dim=32, depth=3, head_dim=16, d_state=8, chunk=4, mlp_ratio=1.0,
+                                  cond_mode="adaln", adaln_groups=groups, **over)).double()
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_adaln_blocks_start_as_the_identity(groups):
+    m = adaln_mamba(groups)
+    x, cond = torch.randn(2, 9, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)
+    mods = m.ada(cond)
+    assert [t.shape for t in mods] == [(2, 6, 32)] * 3  # (shift, scale, gate) for the mixer and the MLP
+    for b, mod in zip(m.blocks, mods):
+        assert torch.equal(b(x, None, None, mod)[0], x)
+    if groups:  # blocks 0 and 2 share a group's linear but keep their own tables
+        assert m.ada.shared.out_features == groups * 6 * 32 and len(m.ada.tables) == 3
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_decode_with_state_equals_recompute_with_adaln_and_learned_positions(groups):
+    m = adaln_mamba(groups, pos_embed="learned", max_grid=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim >= 2:
+                p.normal_(std=0.3)  # gates and modulation away from their zero init
+    L = 11
+    x, cond = torch.randn(2, L, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)
+    ident = torch.zeros(L, dtype=torch.bool)
+    ident[0] = True
+    tabs = tuple(t.double() for t in m.position_tables((torch.arange(L) // 4).double(), (torch.arange(L) % 4).double(),
+                                                       ident))
+    assert torch.equal(tabs[0][0], torch.zeros(32, dtype=torch.float64))  # the condition token has no position
+    full = m(x, tabs, cond_bd=cond)
+    assert not torch.allclose(full, m(x, tabs, cond_bd=torch.randn_like(cond)))
+    state = m.init_state(2, L, torch.float64, torch.device("cpu"))
+    out = [m.prefill(x[:, :4], state, torch.arange(4), tuple(t[:4] for t in tabs), None, cond)]
+    for i in range(4, L):
+        out.append(m.step(x[:, i:i + 1], state, torch.tensor([i]), tuple(t[i:i + 1] for t in tabs), None, cond))
+    assert torch.allclose(torch.cat(out, 1), full, atol=1e-9)
+
+
+def test_learned_positions_refuse_a_grid_beyond_the_table():
+    from arlab.errors import ConfigError
+
+    m = adaln_mamba(0, pos_embed="learned", max_grid=4)
+    with pytest.raises(ConfigError, match="raise the backbone's max_grid"):
+        m.position_tables(torch.tensor([5.0]), torch.tensor([0.0]), torch.tensor([False]))
+
+
+def test_aim_b_has_aims_parameter_count():
+    """AiM-B: 148M with its 16,384-code head (tied to the token embedding) and 1,000 classes + the null class."""
+    with torch.device("meta"):
+        m = build("backbone", "aim-b")
+    n = sum(p.numel() for p in m.parameters()) + 16384 * 768 + 1001 * 768
+    assert m.cfg.dim == 768 and m.cfg.depth == 24 and abs(n - 148e6) / 148e6 < 0.05, n
