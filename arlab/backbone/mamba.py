@@ -21,7 +21,12 @@ from the decode state, and ``step`` is the recurrence itself.
 Decode state per layer: the last ``d_conv − 1`` conv inputs (B, d_inner + 2GN, d_conv − 1) and the SSM
 state (B, H, P, N): constant in the position (no KV cache). ``A_log``, ``D``, ``dt_bias`` and norm gains
 are exempt from weight decay. Causal only: VAR's block-causal and NAR's proximity masks need attention
-(a hybrid backbone), and the capability check refuses them at config time.
+inside a step (``backbone/hybrid``), and the capability check refuses them at config time, naming it.
+
+Conditioning (AiM): ``cond_mode: adaln`` modulates each block from the condition vector (per block, or
+AiM's adaLN-group with ``adaln_groups: G``; gates start at 0, so blocks start as the identity) and the
+final norm; ``pos_embed: learned`` adds a learned absolute 2D position table
+(:mod:`arlab.backbone.modulation`).
 """
 
 from __future__ import annotations
