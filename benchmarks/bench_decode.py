@@ -12,10 +12,10 @@ and SSM state, the same at every position). Weights are random: speed does not d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from common import write_json
 
 from arlab.config import build
 
@@ -72,9 +72,7 @@ def main() -> None:
     for r in rows:
         ms = list(r["ms_per_token"].values())
         print(f"{r['backbone']}: p={positions[-1]} / p={positions[0]} = {ms[-1] / ms[0]:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

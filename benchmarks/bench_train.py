@@ -14,12 +14,11 @@ Prints images/s per row and the ratio to the Llama row of the same order; ``--js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 from bench_experiments import tokenizer_layout
-from common import timed, train_step_fn
+from common import timed, train_step_fn, write_json
 
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
@@ -64,9 +63,7 @@ def main() -> None:
         print(f"{name:16s} {r['backbone']:18s} {r['params'] / 1e6:6.2f}M  L={r['sequence']:4d}  "
               f"{sec * 1000:8.1f} ms/step  {ips:8.1f} img/s  x{r['vs_llama']:.2f}", flush=True)
     print(f"\n{args.device}, {args.threads} thread(s), batch {args.batch}, {args.repeat} timed steps after a warm-up")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

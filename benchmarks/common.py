@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -32,3 +33,10 @@ def train_step_fn(g: torch.nn.Module, codes: torch.Tensor, cond: torch.Tensor) -
         opt.step()
 
     return step
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """Write the benchmark rows to ``path`` (nothing when empty)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
