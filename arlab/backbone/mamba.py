@@ -60,6 +60,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     """The selective scan by chunks. ``x`` (b, l, h, p), ``dt`` (b, l, h) (after softplus), ``A`` (h,),
     ``B``/``C`` (b, l, h, n), ``h0`` (b, h, p, n) or None → (y (b, l, h, p) without the D term, final state)."""
     b, L, H, P = x.shape
+    chunk = max(1, min(chunk, L))  # a chunk longer than the sequence would only scan padding
     pad = (-L) % chunk
     if pad:  # dt = 0 at the padding: no decay, no input, so the final state is the state at L
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
