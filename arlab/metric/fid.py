@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from arlab.config import build
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
 from arlab.registry import register
 
@@ -73,6 +73,10 @@ class FID(Metric):
         mu, sigma = gaussian_stats(net.features(images_nhwc, self.cfg.batch_size))
         name = f"fid{self.cfg.suffix}"
         return {name: frechet_distance(mu, sigma, ref.mu, ref.sigma), f"{name}_n_ref": float(ref.n)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        return {f"fid{cfg.suffix}": "min", f"fid{cfg.suffix}_n_ref": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

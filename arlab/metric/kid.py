@@ -22,7 +22,7 @@ import numpy as np
 
 from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
 from arlab.registry import register
 
@@ -76,6 +76,11 @@ class KID(Metric):
         mean, std, m = kernel_distance(gen, ref.bank, self.cfg.subsets, self.cfg.subset_size, self.cfg.seed)
         name = f"kid{self.cfg.suffix}"
         return {name: mean, f"{name}_std": std, f"{name}_n_ref": float(len(ref.bank)), f"{name}_subset": float(m)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        name = f"kid{cfg.suffix}"
+        return {name: "min", f"{name}_std": None, f"{name}_n_ref": None, f"{name}_subset": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
 from arlab.registry import register
 
@@ -87,6 +87,11 @@ class PrecisionRecall(Metric):
         p, r = precision_recall(ref.bank[:n], gen[:n], self.cfg.k)
         s = self.cfg.suffix
         return {f"precision{s}": p, f"recall{s}": r, f"pr{s}_n": float(n)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        s = cfg.suffix
+        return {f"precision{s}": "max", f"recall{s}": "max", f"pr{s}_n": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:
