@@ -166,3 +166,20 @@ def test_metrics_list_names_every_registered_metric_and_preset(capsys):
     assert rc == 0, err
     for name in [*registry.names("metric"), *presets("metric"), "toy_brightness", "shapes"]:
         assert f"  {name} " in out, name
+
+
+def test_every_eval_suite_names_existing_metrics_and_features():
+    import yaml
+
+    from arlab.config import presets, resolve_node
+    from arlab.evaluation.suites import SUITES, metric_config, suite_for
+
+    assert presets(SUITES), "no eval suite in registry/eval-suite"
+    for name, path in presets(SUITES).items():
+        body = yaml.safe_load(path.read_text())
+        assert set(body) == {"datasets", "metrics", "features"}, path
+        for metric in body["metrics"]:
+            metric_config(metric, where=str(path))  # raises naming the file when unknown
+        resolve_node("features", body["features"], source=str(path))
+        assert suite_for(f"{body['datasets'][0]}-32px")["name"] == name
+    assert suite_for("imagenet") is None
