@@ -51,7 +51,7 @@ def test_tokenizer_eval_reports_reconstruction_metrics(tiny_runs, tiny_classifie
     _, ckpt = tiny_runs
     run = ckpt.parent.parent
     net = {"type": "classifier", "checkpoint": str(tiny_classifier[0]), "device": "cpu"}
-    report, path = eval_tokenizer(ckpt, run, "rec", step=4, n=24, features=net, batch_size=10, tensorboard=False)
+    report, path = eval_tokenizer(ckpt, run, "rec", step=2, n=24, features=net, batch_size=10, tensorboard=False)
     saved = json.loads(path.read_text())
     assert KEYS <= set(saved) and saved["kind"] == "tokenizer" and saved["n"] == 24 and saved["split"] == "test"
     m = saved["settings"][0]["metrics"]
@@ -72,5 +72,5 @@ def test_tokenizer_eval_reports_reconstruction_metrics(tiny_runs, tiny_classifie
 
     monkeypatch.setattr(evaltok, "suite_for", lambda name: {"features": {"type": "classifier",
                                                                          "checkpoint": "/nonexistent.ckpt"}})
-    report, _ = eval_tokenizer(ckpt, run, "rec2", step=4, n=8, tensorboard=False)
+    report, _ = eval_tokenizer(ckpt, run, "rec2", step=2, n=8, tensorboard=False)
     assert "rfid" not in report["settings"][0]["metrics"] and "does not exist" in report["skipped"]["rfid"]
