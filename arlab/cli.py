@@ -54,6 +54,15 @@ EPILOG = {
   arlab sample runs/shapes/tokenshuffle-s2/checkpoints/last.ckpt --n 100 --out runs/shapes/tokenshuffle-s2/samples
   arlab sample CKPT --classes 0,3 --cfg 3 --cfg-schedule half-linear --top-k 100 --seed 1
   arlab sample runs/shapes/text-tokenshuffle-s2/checkpoints/last.ckpt --prompt 'a large red ring in the center'""",
+    "eval": """examples:
+  arlab eval runs/shapes/tokenshuffle-s2 --n 1000                  task.eval_metrics + the dataset's suite
+  arlab eval CKPT --cfg 1,2,4 --cfg-schedule constant,half-linear --top-k 0,100 --name sweep
+  arlab eval runs/shapes/tokenizer                                 PSNR, SSIM, codebook usage, rFID
+  arlab eval --images shapes:test --reference shapes:train --features shapes-cnn
+  arlab eval --images samples.npz --reference my_pngs/ --metrics fid,kid --out fid.json
+  arlab eval --metrics list                                        registered metrics, presets, suites
+An interrupted generator eval continues where it stopped: finished chunks in <run>/eval/<name>/samples/ are
+reused (same images as an uninterrupted run). The report is <run>/eval/<name>.json (docs/evaluation.md).""",
     "data info": """examples:
   arlab data info data/cifar10""",
 }
@@ -198,6 +207,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from arlab.evaluation.run import command
+
+    return command(args)
+
+
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from arlab.data.pack import pack_imagefolder
 
@@ -295,6 +310,25 @@ def class_list(text: str) -> list[int] | None:
         if out[-1] < 0:
             raise argparse.ArgumentTypeError(f"class index {out[-1]} is negative")
     return out or None
+
+
+def comma_list(item: Callable[[str], object], example: str) -> Callable[[str], list]:
+    """``"1,2,4"`` → [item("1"), item("2"), item("4")] (a sweep's values); each item checked by ``item``."""
+
+    def parse(text: str) -> list:
+        parts = [t.strip() for t in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give comma-separated values, e.g. "
+                                             f"{example}")
+        return [item(t) for t in parts]
+
+    parse.__name__ = "list"
+    return parse
+
+
+def metric_names(text: str) -> list[str]:
+    """``"fid,kid-shapes-cnn"`` → names (checked when the command runs); ``list`` prints the choices."""
+    return comma_list(str, "fid,kid or list")(text)
 
 
 def cfg_schedule(text: str) -> str:
@@ -425,6 +459,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[],
                    help="caption for a text-conditioned generator (repeat for several; cycled over --n)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
+
+    p = _add(sub, "eval", cmd_eval, "score a generator (sampling sweeps) or tokenizer run, or two image sets, "
+             "into <run>/eval/<name>.json")
+    p.add_argument("target", nargs="?", metavar="RUN|CKPT",
+                   help="run directory (uses checkpoints/last.ckpt) or checkpoint of a generator or tokenizer run")
+    p.add_argument("--n", type=int_at_least(1), default=None,
+                   help="images: generator samples (default: the run's task.eval_samples, else 1000); tokenizer: "
+                        "split images (default all); --images: the first N of A (default all)")
+    p.add_argument("--metrics", type=metric_names, default=None,
+                   help="comma-separated metric presets or names; 'list' prints them (default: generator: "
+                        "task.eval_metrics + the dataset's eval suite; --images: fid,kid,precision_recall)")
+    p.add_argument("--name", default=None, help="report name: <run>/eval/<name>.json (default: n<N>; tokenizer: "
+                                                "reconstruction)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="sampling seed; chunk i draws with a seed derived from (seed, i) (default 0)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per batch (default 100)")
+    p.add_argument("--chunk", type=int_at_least(1), default=250,
+                   help="images per saved chunk, the unit a resumed eval skips (default 250)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sweep = p.add_argument_group("sampling sweep (generator; comma-separated values, every combination is drawn)")
+    sweep.add_argument("--cfg", type=comma_list(float_in(0.0), "1,2,4"), default=None,
+                       help="CFG scales >= 0 (default: the run's task.sample_cfg)")
+    sweep.add_argument("--cfg-schedule", type=comma_list(cfg_schedule, "constant,half-linear"), default=None,
+                       help="constant, linear, half-linear, cosine, var (default: the run's task.sample_schedule)")
+    sweep.add_argument("--temperature", type=comma_list(float_in(0.0), "1.0,0.9"), default=None,
+                       help="softmax temperatures >= 0 (default: the run's task.sample_temperature)")
+    sweep.add_argument("--top-k", type=comma_list(int_at_least(0), "0,100"), default=None,
+                       help="top-k values, 0 = all (default: the run's task.sample_top_k)")
+    sweep.add_argument("--top-p", type=comma_list(float_in(0.0, 1.0, lo_open=True), "1.0,0.95"), default=None,
+                       help="nucleus masses in (0, 1] (default 1)")
+    sweep.add_argument("--no-cache", action="store_true", help="recompute the full sequence each step (reference)")
+    other = p.add_argument_group("tokenizer runs and image sets")
+    other.add_argument("--split", default=None, help="tokenizer: split reconstructed (default: the data's val split)")
+    other.add_argument("--features", default=None,
+                       help="feature network preset of rFID and --images (inception, shapes-cnn, cifar10-cnn; "
+                            "default: the dataset's eval suite / each metric's own)")
+    other.add_argument("--images", default=None, metavar="A",
+                       help="image set A: a folder of png/jpg (recursive), an .npz (images, labels), or a packed "
+                            "split (shapes:test, a shard folder[:split])")
+    other.add_argument("--reference", default=None, metavar="B", help="image set B, as A")
+    other.add_argument("--n-ref", type=int_at_least(0), default=0, help="--images: the first N of B (default all)")
+    other.add_argument("--out", default=None, help="--images: write the report to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 

@@ -185,12 +185,14 @@ def _load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:200] if first else type(e).__name__
 
 
-def read_task_checkpoint(path: str | os.PathLike, task: str, map_location: str = "cpu",
+def read_task_checkpoint(path: str | os.PathLike, task: str | tuple[str, ...], map_location: str = "cpu",
                          mmap: bool = False) -> tuple[Any, Any]:
     """Load a Lightning checkpoint written by ``arlab train`` for a ``task: <task>`` experiment: returns
     (checkpoint, its hyper-parameters); a :class:`ConfigError` naming the file when it is missing, is not a
     readable checkpoint (empty, truncated, another format) or is of another task. ``mmap``: map the tensors
-    instead of reading them (a cheap check of a large file)."""
+    instead of reading them (a cheap check of a large file). ``task`` may be a tuple of accepted tasks."""
+    tasks = (task,) if isinstance(task, str) else tuple(task)
+    task = " or ".join(tasks)
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
@@ -215,7 +217,7 @@ def read_task_checkpoint(path: str | os.PathLike, task: str, map_location: str =
                           f"'arlab train'); give the checkpoint of a 'task: {task}' run")
     task_node = experiment.get("task")
     found = task_node.get("type") if isinstance(task_node, Mapping) else None
-    if found != task:
+    if found not in tasks:
         raise ConfigError(f"'{path}' is not a {task} checkpoint (its task is {found!r}); give the checkpoint of a "
                           f"'task: {task}' run (runs/<experiment>/checkpoints/last.ckpt)")
     return ckpt, hp

@@ -8,6 +8,11 @@ reference metrics compare with unless their ``reference`` names one). It returns
 caller records ``N`` beside it, so every reported value states its sample count (metrics that use other
 counts, e.g. reference images, report them too).
 
+:meth:`Metric.directions` declares, for every output name ``compute`` can return, whether lower (``"min"``)
+or higher (``"max"``) is better, or ``None`` for values that are not ranked (counts, standard deviations).
+``arlab eval`` picks the best setting of a sweep with it; a registry-parametrized test checks that every
+metric declares exactly the names it returns.
+
 :meth:`Metric.check_data` runs at config time on the experiment's ``data`` node: a metric that only
 makes sense on some datasets (the shapes checker) refuses the others there, before any training.
 """
@@ -15,11 +20,13 @@ makes sense on some datasets (the shapes checker) refuses the others there, befo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from arlab.registry import register_kind
+
+Direction = Literal["min", "max"] | None
 
 
 class Metric(ABC):
@@ -30,6 +37,12 @@ class Metric(ABC):
     @abstractmethod
     def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
         """Values on these N images, e.g. ``{"class_acc": 0.93}``."""
+
+    @classmethod
+    def directions(cls, cfg: Any) -> dict[str, Direction]:
+        """``{output name: "min" | "max" | None}`` for every name :meth:`compute` returns with this ``cfg``
+        (``None``: not ranked, e.g. ``fid_n_ref``). Every metric must declare it (checked by the contract test)."""
+        return {}
 
     @classmethod
     def check_data(cls, cfg: Any, data_node: dict[str, Any]) -> None:

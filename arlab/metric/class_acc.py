@@ -17,7 +17,7 @@ import numpy as np
 
 from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.metric.inception_score import check_logits
 from arlab.registry import register, slot
 
@@ -50,6 +50,11 @@ class ClassAccuracy(Metric):
         pred = net.logits(images_nhwc[known], self.cfg.batch_size).argmax(axis=1)
         name = f"classifier_acc{self.cfg.suffix}"
         return {name: float((pred == labels_n[known]).mean()), f"{name}_n": float(known.sum())}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        name = f"classifier_acc{cfg.suffix}"
+        return {name: "max", f"{name}_n": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

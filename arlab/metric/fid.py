@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from arlab.config import build
-from arlab.metric.base import Metric
-from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
+from arlab.metric.base import Direction
+from arlab.metric.reference import Reference, ReferenceConfig, ReferenceMetric, check_reference
 from arlab.registry import register
 
 
@@ -57,7 +56,7 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register("metric", "fid")
-class FID(Metric):
+class FID(ReferenceMetric):
     """Fréchet Inception Distance (or on another feature network) to a reference split: fid, fid_n_ref."""
 
     @dataclass
@@ -67,12 +66,14 @@ class FID(Metric):
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or FID.Config()
 
-    def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
-        net = build("features", self.cfg.features)
-        ref = reference_for(self.cfg, net, meta)
-        mu, sigma = gaussian_stats(net.features(images_nhwc, self.cfg.batch_size))
+    def score_features(self, gen_nd: np.ndarray, ref: Reference) -> dict[str, float]:
+        mu, sigma = gaussian_stats(gen_nd)
         name = f"fid{self.cfg.suffix}"
         return {name: frechet_distance(mu, sigma, ref.mu, ref.sigma), f"{name}_n_ref": float(ref.n)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        return {f"fid{cfg.suffix}": "min", f"fid{cfg.suffix}_n_ref": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.registry import register, slot
 
 
@@ -70,6 +70,11 @@ class InceptionScore(Metric):
         mean, std = inception_score(net.logits(images_nhwc, self.cfg.batch_size), self.cfg.splits)
         name = f"inception_score{self.cfg.suffix}"
         return {name: mean, f"{name}_std": std}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        name = f"inception_score{cfg.suffix}"
+        return {name: "max", f"{name}_std": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
-from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
+from arlab.metric.base import Direction
+from arlab.metric.reference import Reference, ReferenceConfig, ReferenceMetric, check_reference
 from arlab.registry import register
 
 
@@ -52,7 +51,7 @@ def kernel_distance(x: np.ndarray, y: np.ndarray, subsets: int = 100, subset_siz
 
 
 @register("metric", "kid")
-class KID(Metric):
+class KID(ReferenceMetric):
     """Kernel Inception Distance (unbiased MMD², cubic kernel, mean and std over subsets): kid, kid_std."""
 
     @dataclass
@@ -69,13 +68,15 @@ class KID(Metric):
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or KID.Config()
 
-    def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
-        net = build("features", self.cfg.features)
-        ref = reference_for(self.cfg, net, meta)
-        gen = net.features(images_nhwc, self.cfg.batch_size)
-        mean, std, m = kernel_distance(gen, ref.bank, self.cfg.subsets, self.cfg.subset_size, self.cfg.seed)
+    def score_features(self, gen_nd: np.ndarray, ref: Reference) -> dict[str, float]:
+        mean, std, m = kernel_distance(gen_nd, ref.bank, self.cfg.subsets, self.cfg.subset_size, self.cfg.seed)
         name = f"kid{self.cfg.suffix}"
         return {name: mean, f"{name}_std": std, f"{name}_n_ref": float(len(ref.bank)), f"{name}_subset": float(m)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        name = f"kid{cfg.suffix}"
+        return {name: "min", f"{name}_std": None, f"{name}_n_ref": None, f"{name}_subset": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from arlab.config import build
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
-from arlab.metric.reference import ReferenceConfig, check_reference, reference_for
+from arlab.metric.base import Direction
+from arlab.metric.reference import Reference, ReferenceConfig, ReferenceMetric, check_reference
 from arlab.registry import register
 
 CHUNK = 1024
@@ -63,7 +62,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
 
 @register("metric", "precision_recall")
-class PrecisionRecall(Metric):
+class PrecisionRecall(ReferenceMetric):
     """Improved precision and recall with k-NN balls (Kynkäänniemi et al., k = 3): precision, recall."""
 
     @dataclass
@@ -79,14 +78,16 @@ class PrecisionRecall(Metric):
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or PrecisionRecall.Config()
 
-    def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
-        net = build("features", self.cfg.features)
-        ref = reference_for(self.cfg, net, meta)
-        gen = net.features(images_nhwc, self.cfg.batch_size)
-        n = min(len(gen), len(ref.bank), self.cfg.max_samples)
-        p, r = precision_recall(ref.bank[:n], gen[:n], self.cfg.k)
+    def score_features(self, gen_nd: np.ndarray, ref: Reference) -> dict[str, float]:
+        n = min(len(gen_nd), len(ref.bank), self.cfg.max_samples)
+        p, r = precision_recall(ref.bank[:n], gen_nd[:n], self.cfg.k)
         s = self.cfg.suffix
         return {f"precision{s}": p, f"recall{s}": r, f"pr{s}_n": float(n)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        s = cfg.suffix
+        return {f"precision{s}": "max", f"recall{s}": "max", f"pr{s}_n": None}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

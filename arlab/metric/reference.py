@@ -13,6 +13,9 @@ version. A file is only used when the key stored inside it matches. Files are wr
 name and renamed (``os.replace``), under a file lock, so concurrent evaluations never read half a file and
 compute a reference once.
 
+:class:`ReferenceMetric` is the base of those metrics: ``compute`` featurises the images and resolves the
+reference, :meth:`ReferenceMetric.score_features` compares the two (``arlab eval --images A --reference B``
+calls it with a :class:`Reference` made from B's features by :func:`reference_from_features`).
 :class:`ReferenceConfig` holds the fields the reference metrics share (feature network, reference set,
 split, sizes); :func:`reference_for` resolves a metric's reference from its Config and the ``meta`` the
 evaluation passes (``meta["images"]``: the image set the experiment's tokens came from, used when the
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import re
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from arlab.data.datamodule import ImageDecoder, ShardDataModule, cache_dir
 from arlab.data.shards import MANIFEST, iter_shard
 from arlab.errors import ConfigError
 from arlab.features.base import FeatureNet
+from arlab.metric.base import Metric
 from arlab.registry import slot
 from arlab.utils import FileLock
 
@@ -73,7 +78,17 @@ class Reference:
     bank: np.ndarray
     n: int
     key: str
-    path: Path
+    path: Path | None
+
+
+def reference_from_features(features_nd: np.ndarray, bank_size: int = 10000) -> Reference:
+    """The statistics of an in-memory reference set of (N, D) features (mean, unbiased covariance, first bank)."""
+    f = np.asarray(features_nd, np.float64)
+    if len(f) < 2:
+        raise ConfigError(f"a reference set needs at least 2 images, got {len(f)}")
+    sigma = np.atleast_2d(np.cov(f, rowvar=False))
+    return Reference(mu=f.mean(axis=0), sigma=sigma, bank=f[:bank_size].astype(np.float32), n=len(f), key="",
+                     path=None)
 
 
 def reference_data(cfg: ReferenceConfig, images: Any) -> Any:
@@ -104,11 +119,13 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
 
 
-def _split_images(dm: ShardDataModule, split: str, size: int, limit: int):
-    """uint8 (n, size, size, 3) chunks of the split's images in manifest order (no flips), at most ``limit``."""
+def split_images(dm: ShardDataModule, split: str, size: int, limit: int):
+    """(images uint8 (n, size, size, 3), labels (n,) int64) chunks of the split in manifest order (no flips), at
+    most ``limit`` images (−1: all)."""
     assert dm.manifest is not None
     decode = ImageDecoder(size, 0.0, 0, dm.cfg.interpolation)
     chunk: list[np.ndarray] = []
+    labels: list[int] = []
     seen = 0
     for shard in dm.manifest["splits"][split]["shards"]:
         for raw in iter_shard(dm.root / shard["name"]):
@@ -116,14 +133,15 @@ def _split_images(dm: ShardDataModule, split: str, size: int, limit: int):
             if sample is None:
                 continue
             chunk.append(sample["image"])
+            labels.append(sample["label"])
             seen += 1
             if len(chunk) == CHUNK or seen == limit:
-                yield np.stack(chunk)
-                chunk = []
+                yield np.stack(chunk), np.array(labels, np.int64)
+                chunk, labels = [], []
             if seen == limit:
                 return
     if chunk:
-        yield np.stack(chunk)
+        yield np.stack(chunk), np.array(labels, np.int64)
 
 
 def reference_stats(data: Any, split: str, net: FeatureNet, image_size: int, *, max_images: int = 0,
@@ -167,7 +185,7 @@ def _compute(dm: ShardDataModule, split: str, net: FeatureNet, image_size: int, 
     s1 = s2 = None
     bank: list[np.ndarray] = []
     kept = 0
-    for images in _split_images(dm, split, image_size, max_images or -1):
+    for images, _ in split_images(dm, split, image_size, max_images or -1):
         f = net.features_and_logits(images, batch_size, remember=False)[0]
         if shift is None:  # sums of shifted values: the covariance keeps its precision when |mean| >> std
             shift = f.mean(axis=0)
@@ -212,3 +230,18 @@ def reference_for(cfg: ReferenceConfig, net: FeatureNet, meta: dict[str, Any]) -
     """The reference statistics a metric with ``cfg`` needs for images described by ``meta``."""
     return reference_stats(reference_data(cfg, meta.get("images")), cfg.split, net, int(meta["image_size"]),
                            max_images=cfg.max_reference, bank_size=cfg.bank_size, batch_size=cfg.batch_size)
+
+
+class ReferenceMetric(Metric):
+    """A metric comparing the features of generated images with a real image set's :class:`Reference`."""
+
+    cfg: ReferenceConfig
+
+    @abstractmethod
+    def score_features(self, gen_nd: np.ndarray, ref: Reference) -> dict[str, float]:
+        """The values for generated features (N, D) float64 against ``ref`` (same feature network)."""
+
+    def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
+        net = build("features", self.cfg.features)
+        ref = reference_for(self.cfg, net, meta)
+        return self.score_features(net.features(images_nhwc, self.cfg.batch_size), ref)

@@ -10,7 +10,7 @@ import numpy as np
 
 from arlab.data.shapes import classify_batch
 from arlab.errors import ConfigError
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.registry import register
 
 
@@ -40,6 +40,10 @@ class ShapesChecker(Metric):
             return {}
         pred = classify_batch(images_nhwc[known])
         return {"class_acc": float((pred == labels_n[known]).mean())}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        return {"class_acc": "max"}
 
     @classmethod
     def check_data(cls, cfg: Config, data_node: dict[str, Any]) -> None:

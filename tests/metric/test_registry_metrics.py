@@ -47,6 +47,22 @@ def test_metric_contract(name, tiny_classifier):
     assert metric.compute(images, labels, META) == out  # deterministic
     entry = registry.get("metric", name)
     entry.cls.check_data(metric.cfg, {"type": "tokens", "images": "shapes-tiny"})
+    directions = entry.cls.directions(metric.cfg)  # arlab eval ranks sweep settings with it
+    assert set(directions) == set(out), f"{name} declares directions for {sorted(directions)}, returns {sorted(out)}"
+    assert set(directions.values()) <= {"min", "max", None}, directions
+    if name != "toy_brightness":  # every metric of arlab's ranks at least one of its outputs
+        assert {"min", "max"} & set(directions.values()), directions
+
+
+@pytest.mark.parametrize("name", ["fid", "kid", "precision_recall", "inception_score", "class_acc",
+                                  "shapes_checker"])
+def test_directions_say_which_way_is_better(name):
+    cfg = registry.get("metric", name).cls.Config()
+    want = {"fid": {"fid": "min"}, "kid": {"kid": "min"}, "precision_recall": {"precision": "max", "recall": "max"},
+            "inception_score": {"inception_score": "max"}, "class_acc": {"classifier_acc": "max"},
+            "shapes_checker": {"class_acc": "max"}}[name]
+    got = registry.get("metric", name).cls.directions(cfg)
+    assert {k: v for k, v in got.items() if v is not None} == want
 
 
 def test_reference_metrics_rank_real_images_above_noise(tiny_classifier):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from arlab.metric.base import Metric
+from arlab.metric.base import Direction, Metric
 from arlab.registry import register
 
 
@@ -26,3 +26,7 @@ class ToyBrightness(Metric):
     def compute(self, images_nhwc: np.ndarray, labels_n: np.ndarray, meta: dict[str, Any]) -> dict[str, float]:
         x = images_nhwc if self.cfg.channel < 0 else images_nhwc[..., self.cfg.channel]
         return {"brightness": float(x.astype(np.float64).mean() / 255.0)}
+
+    @classmethod
+    def directions(cls, cfg: Config) -> dict[str, Direction]:
+        return {"brightness": None}  # a property of the images, neither better high nor low
