@@ -167,6 +167,7 @@ class FlopCount(pl.Callback):
                 self._write()
 
     def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         body = {**self.info, "train_at_step": dict(sorted(self.at_step.items(), key=lambda kv: int(kv[0])))}
         atomic_write(self.path, json.dumps(body, indent=2, sort_keys=True) + "\n")
 

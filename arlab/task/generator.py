@@ -305,7 +305,10 @@ class GeneratorModule(Task):
         return self.model(self._codes(batch), self.model.conditioner.drop(self._cond(batch))).loss
 
     def flop_sample(self) -> bool:
-        """One image at the run's sampling settings (decoded to pixels by the tokenizer)."""
+        """One image at the run's sampling settings (decoded to pixels by the tokenizer); not drawn (False) by a
+        run that never samples (``eval_samples`` and ``sample_every_n_steps`` 0): it costs one sampling."""
+        if self.cfg.eval_samples == 0 and self.cfg.sample_every_n_steps == 0:
+            return False
         cond = eval_conditions(self.model.conditioner, self.meta, 1)[0]
         generate_images(self.model, self.tokenizer, cond, seed=0, **self._sampling())
         return True
