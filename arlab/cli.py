@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=seed_list, default=None, metavar="0,1,2",
                    help="train once per seed into <run.dir or runs/EXPERIMENT>/seed<k>, one after the other")
 
-    p = _add(sub, "compare", cmd_compare, "compare runs: a table over seeds (mean, std, 95%% interval) and plots")
+    p = _add(sub, "compare", cmd_compare, "compare runs: a table over seeds (mean, std, t interval) and plots")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_EXPERIMENT",
                    help="a run directory, a folder of runs (seed<k> siblings) or an experiment with runs in runs/")
     p.add_argument("--eval", action="append", default=[], metavar="NAME",
