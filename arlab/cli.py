@@ -46,7 +46,11 @@ EPILOG = {
     "train": """examples:
   arlab train shapes/tokenizer-fsq
   arlab train shapes/tokenizer-vq trainer.max_steps=500 run.dir=runs/vq-try
-  arlab train runs/vq-try/config.yaml          resume that run from its last checkpoint""",
+  arlab train runs/vq-try/config.yaml          resume that run from its last checkpoint
+  arlab train shapes/raster --seeds 0,1,2      runs/shapes/raster/seed0, seed1, seed2 (a re-run skips finished ones)""",
+    "compare": """examples:
+  arlab compare shapes/raster shapes/tokenshuffle-s2 --eval main --out runs/compare
+  arlab compare runs/shapes/raster runs/try/seed0 --group-by experiment""",
     "tokenize": """examples:
   arlab tokenize runs/vq-try/checkpoints/last.ckpt shapes runs/vq-try/tokens --flip
   arlab tokenize runs/vq-try/checkpoints/last.ckpt data/cifar10 data/cifar10-vq-tokens""",
@@ -145,12 +149,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from arlab.config import load_experiment
     from arlab.train import fit
 
+    if args.seeds is not None:
+        from arlab.seeds import train_seeds
+
+        for r in train_seeds(args.experiment, args.overrides, args.seeds):
+            print(f"seed {r.seed}: {r.run} ({r.status})")
+        return 0
     exp = load_experiment(args.experiment, args.overrides)
     metrics = fit(exp)
     print(f"run directory: {exp.run.dir}")
     for k in sorted(metrics):
         if k.startswith(("val/", "perf/", "train/steps")):
             print(f"  {k}: {float(metrics[k]):.4g}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from arlab.compare import compare
+
+    result = compare(args.runs, out=args.out, evals=args.eval, group_by=args.group_by)
+    sys.stdout.write(result.markdown)
+    print(f"wrote {', '.join(str(p) for p in result.files)}")
     return 0
 
 
@@ -331,6 +350,19 @@ def metric_names(text: str) -> list[str]:
     return comma_list(str, "fid,kid or list")(text)
 
 
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2] (distinct, >= 0)."""
+    out = []
+    for c in (c.strip() for c in text.split(",")):
+        if not c.isdigit():
+            raise argparse.ArgumentTypeError(f"{c!r} is not a seed (give distinct comma-separated integers >= 0, "
+                                             "e.g. 0,1,2)")
+        if int(c) in out:
+            raise argparse.ArgumentTypeError(f"seed {c} is repeated")
+        out.append(int(c))
+    return out
+
+
 def cfg_schedule(text: str) -> str:
     from arlab.generator.sampling import check_schedule
 
@@ -425,6 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment name (shapes/tokenizer-vq) or YAML file (a run's config.yaml "
                                       "resumes that run)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides KEY=VALUE")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="0,1,2",
+                   help="train once per seed into <run.dir or runs/EXPERIMENT>/seed<k>, one after the other")
+
+    p = _add(sub, "compare", cmd_compare, "compare runs: a table over seeds (mean, std, t interval) and plots")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_EXPERIMENT",
+                   help="a run directory, a folder of runs (seed<k> siblings) or an experiment with runs in runs/")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME",
+                   help="eval/NAME.json results to include (repeatable; default: every name found)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--group-by", choices=("config", "experiment", "run"), default="config",
+                   help="config: runs that differ only in run.seed (default); experiment: by experiment name; "
+                        "run: every run alone")
 
     p = _add(sub, "tokenize", cmd_tokenize, "encode image shards into token shards with a tokenizer checkpoint")
     p.add_argument("ckpt", help="checkpoint of a 'task: tokenizer' run")
@@ -509,7 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("ARLAB_LOG", "INFO"),
                         format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `arlab train EXP --seeds 0,1 k=v`: overrides after an option
+        if getattr(args, "func", None) is not cmd_train or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

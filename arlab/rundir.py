@@ -93,17 +93,7 @@ def run_dir(exp: Any) -> Path:
     d = exp.run.dir
     saved_path = path / CONFIG
     if saved_path.is_file() and has_checkpoints(path):
-        try:
-            saved = yaml.safe_load(saved_path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{saved_path} is not readable YAML ({e}); this run directory cannot be resumed: "
-                              "choose another run.dir") from None
-        diff = config_differences(saved or {}, exp.tree)
-        if diff:
-            more = "; ..." if len(diff) > 8 else ""
-            raise ConfigError(f"run directory '{d}' holds a run with another config ({'; '.join(diff[:8])}{more}): "
-                              f"resume it unchanged with 'arlab train {saved_path}', or give a new run.dir for a new "
-                              "run")
+        check_same_config(path, exp)
         if exp.run.resume == "never":
             raise ConfigError(f"run.resume=never would train from scratch over the checkpoints in '{d}'; give a new "
                               "run.dir for a new run (or resume: auto)")
@@ -113,6 +103,23 @@ def run_dir(exp: Any) -> Path:
     atomic_write(saved_path, f"# resolved config of experiment {exp.name} (arlab; resume or reproduce with "
                              f"'arlab train {saved_path}')\n" + exp.to_yaml(tree=tree))
     return path
+
+
+def check_same_config(run: Path, exp: Any) -> None:
+    """Refuse ``exp`` for the run in ``run`` when its saved ``config.yaml`` differs (other than
+    :data:`RESUMABLE_CHANGES`): one line with the differing keys."""
+    saved_path = Path(run) / CONFIG
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{saved_path} is not readable YAML ({e}); this run directory cannot be resumed: "
+                          "choose another run.dir") from None
+    diff = config_differences(saved or {}, exp.tree)
+    if diff:
+        more = "; ..." if len(diff) > 8 else ""
+        raise ConfigError(f"run directory '{exp.run.dir}' holds a run with another config ({'; '.join(diff[:8])}"
+                          f"{more}): resume it unchanged with 'arlab train {saved_path}', or give a new run.dir for a "
+                          "new run")
 
 
 class RunLock:

@@ -6,7 +6,8 @@ upstream run the task declares (a generator's tokenizer: the chain *train the to
 train the generator*; tokenizing happens when the token DataModule is first set up), then builds the
 data, asks the task for its data meta, builds the task and trains it. A run directory that already
 has ``checkpoints/last.ckpt`` is resumed (``run.resume: auto``). After training, on rank 0: the
-task's :meth:`~arlab.task.base.Task.evaluate`, ``metrics.json`` and its artifacts.
+task's :meth:`~arlab.task.base.Task.evaluate`, ``metrics.json`` and its artifacts. FLOPs per image are counted
+from the model at the first training batch (:mod:`arlab.flops`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from arlab.config import Experiment, load_experiment
 from arlab.errors import ConfigError, Interrupted
+from arlab.flops import FlopCount
 from arlab.registry import get
 from arlab.rundir import RunLock, check_resume_checkpoint, planned_run_dir, run_dir, run_of_checkpoint, write_metrics
 from arlab.task.base import Task, Upstream
@@ -119,7 +121,8 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
     datamodule = exp.build("data", seed=exp.run.seed)
     meta = task_cls.data_meta(task_cfg, datamodule)
     module: Task = exp.build("task", experiment=exp.tree, meta=meta)
-    trainer = build_trainer(exp, run, callbacks)
+    flops = FlopCount(run)
+    trainer = build_trainer(exp, run, [flops, *(callbacks or [])])
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     t0 = time.perf_counter()
@@ -140,6 +143,7 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
         metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items()}
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_s"] = wall
+        metrics.update(flops.metrics(trainer.global_step))
         if trainer.is_global_zero:
             metrics.update(module.evaluate())
             metrics.update(module.final_metrics())

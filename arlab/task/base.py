@@ -9,6 +9,8 @@ Lightning ``Trainer``; around that the trainer calls, and nothing else:
   the model is sized by (vocabulary, grid, classes); stored in the checkpoint's hyper-parameters;
 * ``tokens_per_sample`` (for the tokens/s scalar) and ``last_val_step`` (whether the last step was
   validated);
+* for the FLOP count (:mod:`arlab.flops`, at the first training batch): :meth:`Task.flop_loss`,
+  :meth:`Task.flop_sample` and :meth:`Task.analytic_flops_per_image`;
 * after training, on rank 0: :meth:`Task.evaluate` (end-of-run evaluation, e.g. sample metrics),
   :meth:`Task.final_metrics` (added to ``metrics.json``) and :meth:`Task.save_artifacts`.
 
@@ -82,6 +84,20 @@ class Task(pl.LightningModule):
         if isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
             return self.logger.experiment
         return None
+
+    def flop_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The training loss of ``batch`` through the parts one training step runs forward and backward, for
+        counting FLOPs: no logging, no optimizer step (default None: not counted)."""
+        return None
+
+    def flop_sample(self) -> bool:
+        """Draw one image as evaluation samples do, for counting its FLOPs; False when the task does not
+        sample (the default)."""
+        return False
+
+    def analytic_flops_per_image(self) -> float:
+        """Kaplan's ``6·N·T`` training FLOPs per image where the task defines it (default 0: undefined)."""
+        return 0.0
 
     def evaluate(self) -> dict[str, float]:
         """End-of-training evaluation on rank 0 (default: none)."""

@@ -299,9 +299,36 @@ class GeneratorModule(Task):
                 tb.add_scalar(key, v, self.global_step)
         return self.final
 
+    # ------------------------------------------------------------------------------ FLOPs (arlab.flops)
+    def flop_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The training loss (conditioner, backbone, heads on the token sequence), without logging."""
+        return self.model(self._codes(batch), self.model.conditioner.drop(self._cond(batch))).loss
+
+    def flop_sample(self) -> bool:
+        """One image at the run's sampling settings (decoded to pixels by the tokenizer); not drawn (False) by a
+        run that never samples (``eval_samples`` and ``sample_every_n_steps`` 0): it costs one sampling."""
+        if self.cfg.eval_samples == 0 and self.cfg.sample_every_n_steps == 0:
+            return False
+        cond = eval_conditions(self.model.conditioner, self.meta, 1)[0]
+        generate_images(self.model, self.tokenizer, cond, seed=0, **self._sampling())
+        return True
+
+    def analytic_flops_per_image(self) -> float:
+        """Kaplan's ``6·N·T`` over the parameters outside embedding tables: the output head(s) at the token
+        rate (T = tokens per image), the rest at the backbone's (T = condition prefix + cells − 1)."""
+        tables = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in tables)
+        heads = sum(p.numel() for h in (self.model.head, self.model.head2) if h is not None for p in h.parameters())
+        return 6.0 * ((n - heads) * self.sequence_length + heads * self.model.layout.num_tokens)
+
+    @property
+    def sequence_length(self) -> int:
+        return self.model.prefix_len + self.model.layout.num_cells - 1
+
     def final_metrics(self) -> dict[str, float]:
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # a bound msvq is not counted
         return {**self.last_val, **self.final, "model/params": float(n),
+                "model/tokens_per_image": float(self.model.layout.num_tokens),
                 "model/backbone_params": float(sum(p.numel() for m in (self.model.backbone, self.model.branch)
                                                    if m is not None for p in m.parameters()))}
 

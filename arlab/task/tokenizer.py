@@ -246,8 +246,16 @@ class TokenizerModule(Task):
         n = min(self.cfg.n_log_images, x.shape[0])
         exp.add_image(tag, pairs_grid(x[:n], xrec[:n]), self.global_step, dataformats="HWC")
 
+    def flop_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Reconstruction + quantizer loss through the autoencoder and quantizer (the FLOP count's pass; the
+        perceptual net and the discriminator are not in it)."""
+        x = batch["image"]
+        xrec, q = self.tokenizer(x)
+        return self.cfg.rec_weight * self._rec(xrec, x) + self.cfg.quant_weight * q.loss
+
     def final_metrics(self) -> dict[str, float]:
-        return {**self.last_train_usage, **self.last_val}
+        n = sum(p.numel() for p in self.tokenizer.parameters() if p.requires_grad)
+        return {**self.last_train_usage, **self.last_val, "model/params": float(n)}
 
     def save_artifacts(self, run: Path) -> list[Path]:
         """``reconstructions.png``: validation inputs (odd columns) next to reconstructions (even)."""
