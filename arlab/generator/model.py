@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from arlab.backbone.base import Backbone, DecodeState, check_serves
 from arlab.conditioner.base import Conditioner
 from arlab.generator.layout import Layout
+from arlab.generator.linear_ce import linear_cross_entropy
 from arlab.generator.sampling import Guidance, check_schedule, draw
 from arlab.order.base import Order, OrderPlan
 from arlab.shuffle.window import TokenShuffle
@@ -46,9 +47,9 @@ from arlab.shuffle.window import TokenShuffle
 
 @dataclass
 class GenOut:
-    logits_bnv: Tensor  # (B, N, V) float32, per token in layout order
+    logits_bnv: Tensor | None  # (B, N, V) float32, per token in layout order (None: chunked loss, not kept)
     loss: Tensor  # scalar: CE over every token (+ z-loss)
-    ce: Tensor  # scalar CE
+    ce: Tensor  # scalar CE (chunked loss: not differentiable, only ``loss`` is)
     ce_per_window_pos: Tensor  # (s²,) CE per position inside a Token-Shuffle window
     z_loss: Tensor
     ce_per_scale: Tensor  # (S,) CE per scale (one grid: (1,))
@@ -57,8 +58,9 @@ class GenOut:
     @property
     def logits_bhwv(self) -> Tensor:
         """(B, h, w, V) for a one-grid layout."""
-        if self.grid is None:
-            raise ValueError("a multi-scale layout has no single grid; use logits_bnv")
+        if self.grid is None or self.logits_bnv is None:
+            raise ValueError("a multi-scale layout has no single grid; use logits_bnv" if self.grid is None else
+                             "this forward kept no logits (chunked loss): call the generator with return_logits=True")
         return self.logits_bnv.unflatten(1, self.grid)
 
 
@@ -91,8 +93,9 @@ class _Decoding:
 class Generator(nn.Module):
     def __init__(self, backbone: Backbone, order: Order, shuffle: TokenShuffle, conditioner: Conditioner,
                  vocab_size: int, scales: list | tuple, z_loss: float = 0.0, token_dropout: float = 0.0,
-                 quantizer: nn.Module | None = None):
+                 quantizer: nn.Module | None = None, loss_chunk: int = 4096):
         super().__init__()
+        self.loss_chunk = int(loss_chunk)  # rows per chunk of the chunked head + CE (0: plain full-logits loss)
         self.backbone, self.order, self.shuffle, self.conditioner = backbone, order, shuffle, conditioner
         if isinstance(scales, tuple) and len(scales) == 2 and all(isinstance(x, int) for x in scales):
             scales = [scales]  # one (h, w) grid
@@ -195,11 +198,12 @@ class Generator(nn.Module):
         return self.shuffle.shuffle_windows(self.tok_embedding(win_bnk))
 
     def _logits(self, hids: list[Tensor], targets: slice, step: int | None = None) -> Tensor:
-        """Logits (B, n_t, s², V) float32 of the target slots ``targets`` (one tensor of hidden states per
-        head): each target averages the heads that read it. ``step`` None: ``hids`` hold every input slot
-        in order (training); else only the inputs that decoding step fed."""
+        """Logits (B, n_t, s², V) float32 (float64 for a float64 model) of the target slots ``targets`` (one
+        tensor of hidden states per head): each target averages the heads that read it. ``step`` None: ``hids``
+        hold every input slot in order (training); else only the inputs that decoding step fed."""
         heads = [self.head] if self.head2 is None else [self.head, self.head2]
-        per_head = [head(self.shuffle.unshuffle(h)).float() for head, h in zip(heads, hids)]
+        per_head = [head(self.shuffle.unshuffle(h)) for head, h in zip(heads, hids)]
+        per_head = [lg if lg.dtype == torch.float64 else lg.float() for lg in per_head]  # float32 at least
         if self._direct_train if step is None else self.schedule[step].direct:
             return per_head[0]
         out = 0.0
@@ -218,8 +222,11 @@ class Generator(nn.Module):
         return x_bn.unflatten(1, self.grid) if self.grid is not None else x_bn
 
     # ------------------------------------------------------------------------------ training forward
-    def forward(self, codes: Tensor, cond: Tensor) -> GenOut:
-        """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`."""
+    def forward(self, codes: Tensor, cond: Tensor, return_logits: bool = True) -> GenOut:
+        """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`.
+
+        ``return_logits=False`` (training) with ``loss_chunk`` > 0: the head and CE run chunk by chunk
+        (:func:`~arlab.generator.linear_ce.linear_cross_entropy`) and no logits are kept (``logits_bnv`` None)."""
         codes_bn = self.layout.flat(codes).long()
         p = self.prefix_len
         bias = self.order.input_bias()
@@ -240,14 +247,39 @@ class Generator(nn.Module):
             h, trunk = self.backbone(seq, tables, mask=mask, cond_bd=vec, return_trunk=True)
             hids = [h, self.branch(trunk, tables, mask=mask, cond_bd=vec)]
         hids = [h[:, p - 1:] for h in hids]
+        if not return_logits and self.loss_chunk > 0:
+            return self._chunked_loss(hids, codes_bn)
         L = self.plan.length
         logits_bnv = self._slots_to_tokens(self._logits(hids, slice(0, L)))  # (B, N, V)
         ce_bn = F.cross_entropy(logits_bnv.transpose(1, 2), codes_bn, reduction="none")
         ce = ce_bn.mean()
         z = torch.logsumexp(logits_bnv, dim=-1).pow(2).mean() if self.z_loss_weight > 0 else ce.new_zeros(())
+        return self._out(logits_bnv, ce + self.z_loss_weight * z, ce, ce_bn, z)
+
+    def _out(self, logits_bnv: Tensor | None, loss: Tensor, ce: Tensor, ce_bn: Tensor, z: Tensor) -> GenOut:
         per_pos = self.layout.windows(ce_bn.detach()).mean((0, 1))  # (s²,)
         per_scale = torch.stack([c.mean() for c in ce_bn.detach().split(self.layout.scale_tokens(), dim=1)])
-        return GenOut(logits_bnv, ce + self.z_loss_weight * z, ce, per_pos, z, per_scale, self.grid)
+        return GenOut(logits_bnv, loss, ce, per_pos, z, per_scale, self.grid)
+
+    def _chunked_loss(self, hids: list[Tensor], codes_bn: Tensor) -> GenOut:
+        """The training loss without full logits: the unshuffled per-token states of every target (B, L, s², d)
+        — NAR: each head's states gathered at the slots it reads, weighted by ``read_w`` and concatenated along
+        d, against the heads' weights concatenated along d (the same averaged logits) — through the chunked
+        head + CE over every original token."""
+        heads = [self.head] if self.head2 is None else [self.head, self.head2]
+        per_head = [self.shuffle.unshuffle(h) for h in hids]  # (B, L, s², d) each
+        if self._direct_train:
+            h_blkd, w_vd = per_head[0], self.head.weight
+        else:
+            h_blkd = torch.cat([u[:, self.reads[:, k]] * self.read_w[:, k, None, None].to(u.dtype)
+                                for k, u in enumerate(per_head)], dim=-1)
+            w_vd = torch.cat([hd.weight for hd in heads], dim=1)
+        y_blk = self.layout.windows(codes_bn)[:, self.perm]  # the s² tokens each target slot predicts
+        loss, ce_n, lse_n = linear_cross_entropy(h_blkd.flatten(0, 2), w_vd, y_blk.flatten(), self.loss_chunk,
+                                                 self.z_loss_weight)
+        ce_bn = self._slots_to_tokens(ce_n.view(y_blk.shape))
+        z = lse_n.pow(2).mean() if self.z_loss_weight > 0 else loss.new_zeros(()).detach()
+        return self._out(None, loss, ce_bn.mean(), ce_bn, z)
 
     # ------------------------------------------------------------------------------ sampling steps
     def start(self, cond: Tensor, guidance: Guidance) -> _Decoding:

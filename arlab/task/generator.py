@@ -66,6 +66,7 @@ class GeneratorModule(Task):
         grad_clip: float = 1.0
         z_loss: float = 0.0  # PaLM z-loss weight on logsumexp² (Token-Shuffle's stabiliser; e.g. 1e-4)
         token_dropout: float = 0.0  # dropout on the input sequence embeddings (LlamaGen 0.1)
+        loss_chunk: int = 4096  # head + CE over this many tokens at a time, no full logits; 0 = plain full logits
         sample_every_n_steps: int = 500  # sample grid to TensorBoard; 0 = never
         n_sample_images: int = 20
         sample_cfg: float = 2.0  # CFG scale of logged / evaluated samples
@@ -90,7 +91,7 @@ class GeneratorModule(Task):
             values = dataclasses.asdict(self)
             for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
                         "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
-                        "vocab_size"):
+                        "vocab_size", "loss_chunk"):
                 check_range(key, values[key], ge=0)
             check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
             check_range("token_dropout", self.token_dropout, ge=0, lt=1)
@@ -230,7 +231,7 @@ class GeneratorModule(Task):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         codes = self._codes(batch)
         cond = self.model.conditioner.drop(self._cond(batch))
-        out = self.model(codes, cond)
+        out = self.model(codes, cond, return_logits=False)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite generator loss {out.loss.item()} at step {self.global_step} "
                                      f"(batch {batch_idx}, keys {batch['key'][:4]}...); the last good checkpoint "
@@ -251,7 +252,7 @@ class GeneratorModule(Task):
         return out.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.model(self._codes(batch), self._cond(batch))
+        out = self.model(self._codes(batch), self._cond(batch), return_logits=False)
         b = batch["tokens"].shape[0]
         self.log("val/ce", out.ce, batch_size=b, sync_dist=True)
         if out.ce_per_scale.numel() > 1:
