@@ -89,6 +89,12 @@ class Backbone(nn.Module, ABC):
         tokens (no position). Each table has L as its first dimension. Default: none."""
         return ()
 
+    def prepare_mask(self, mask_ss: Tensor) -> Any:
+        """A fixed (S, S) training mask in the form this backbone's attention kernel takes (e.g. a flex
+        attention BlockMask); the caller builds it once and passes it to :meth:`forward` as ``mask``.
+        Default: the boolean mask itself."""
+        return mask_ss
+
     def branch(self, depth: int) -> Backbone:
         """``depth`` more layers fed the trunk's pre-norm stream (``forward(..., return_trunk=True)``), with
         their own final norm: NAR's extra layers before the second head."""

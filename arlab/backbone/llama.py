@@ -5,7 +5,12 @@ hidden ``8d/3`` rounded up to a multiple of 256 (LlamaGen ``find_multiple``: GPT
 2D axial RoPE (half of each head's rotary pairs turn with the token's row, half with its column;
 LlamaGen ``precompute_freqs_cis_2d``) where condition tokens get the *identity* rotation
 (LlamaGen zeroes their q and k instead, its issue #54); optional QK-norm (RMSNorm on q and k per
-head) and grouped KV heads; attention through ``F.scaled_dot_product_attention``.
+head) and grouped KV heads; attention through ``F.scaled_dot_product_attention`` (``attn: sdpa``: the causal
+fast path, or the explicit boolean mask) or, for a fixed mask (VAR's block-causal, NAR's proximity mask),
+``torch.nn.attention.flex_attention`` with a BlockMask built once (``attn: flex``, :meth:`Llama.prepare_mask`;
+compiled on CUDA, the unfused reference on CPU unless the whole step is compiled). torch 2.14 has no flex
+backward on CPU: there a step that needs gradients takes SDPA with the same cached boolean mask. Decoding
+with a KV cache always takes SDPA with the mask rows.
 
 Conditioning ``prefix``: the condition tokens are ordinary sequence positions. ``adaln``: VAR's
 AdaLNSelfAttn modulation — each block maps the condition vector ``cond_bd`` through
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from arlab.backbone.base import ARBITRARY, BLOCK_CAUSAL, CAUSAL, Backbone, Capabilities, DecodeState
 from arlab.errors import ConfigError
@@ -90,6 +96,36 @@ class LlamaState(DecodeState):
         self.layers = layers
 
 
+_FLEX_COMPILED = None  # flex_attention compiled once (CUDA, outside a compiled step)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """``flex_attention`` with ``block_mask``: traced as is inside a compiled step; otherwise compiled once on
+    CUDA (fused kernel) and the unfused reference on CPU."""
+    global _FLEX_COMPILED
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED(q, k, v, block_mask=block_mask)
+
+
+@dataclass(frozen=True)
+class FlexMask:
+    """A fixed (S, S) boolean mask (True = may attend) and its flex-attention BlockMask."""
+
+    dense: Tensor
+    block: BlockMask
+
+    @classmethod
+    def of(cls, mask_ss: Tensor) -> FlexMask:
+        S = mask_ss.shape[-1]
+        dense = mask_ss.bool().contiguous()
+        block = create_block_mask(lambda b, h, q_idx, kv_idx: dense[q_idx, kv_idx], None, None, S, S,
+                                  device=dense.device)
+        return cls(dense, block)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, qk_norm: bool, dropout: float):
         super().__init__()
@@ -100,7 +136,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x_bld: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x_bld: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | FlexMask | None,
                 cache: KVCache | None = None, pos_l: Tensor | None = None) -> Tensor:
         hd = self.head_dim
         q, k, v = self.wqkv(x_bld).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
@@ -119,7 +155,15 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:  # grouped KV heads: each serves heads / kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if isinstance(mask, FlexMask):
+            if cache is not None:
+                raise ValueError("a flex-attention BlockMask serves full sequences; decode with boolean mask rows")
+            if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+                mask = mask.dense  # no flex backward on CPU (torch 2.14): SDPA with the cached boolean mask
+            else:
+                out = flex(q, k, v, mask.block)
+        if not isinstance(mask, FlexMask):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.resid_drop(self.wo(rearrange(out, "b h l d -> b l (h d)")))
 
 
@@ -176,6 +220,7 @@ class Llama(Backbone):
         rope: bool = True  # 2D RoPE; false = no rotary positions (VAR: learned absolute positions only)
         cond_mode: str = "prefix"  # prefix: condition tokens in the sequence; adaln: VAR's modulation
         init_std: float = 0.02  # N(0, std) init of the linear layers (LlamaGen 0.02)
+        attn: str = "sdpa"  # fixed training masks through sdpa (explicit boolean mask) or flex (cached BlockMask)
 
         def __post_init__(self) -> None:
             if self.dim < 1 or self.depth < 1 or self.heads < 1:
@@ -190,6 +235,8 @@ class Llama(Backbone):
                 raise ConfigError(f"kv_heads {self.kv_heads} must divide heads {self.heads}")
             if self.cond_mode not in ("prefix", "adaln"):
                 raise ConfigError(f"cond_mode {self.cond_mode!r} is not one of prefix, adaln")
+            if self.attn not in ("sdpa", "flex"):
+                raise ConfigError(f"attn {self.attn!r} is not one of sdpa, flex")
             if not 0 <= self.dropout < 1:
                 raise ConfigError(f"dropout {self.dropout} must be in [0, 1)")
 
@@ -230,6 +277,10 @@ class Llama(Backbone):
             identity = torch.ones_like(rows, dtype=torch.bool)
         return rope_2d(rows, cols, self.head_dim, self.cfg.rope_base, identity)
 
+    def prepare_mask(self, mask_ss: Tensor) -> Tensor | FlexMask:
+        """``attn: flex``: the (S, S) mask with its BlockMask (build once, reuse every step); ``sdpa``: unchanged."""
+        return FlexMask.of(mask_ss) if self.cfg.attn == "flex" else mask_ss
+
     def branch(self, depth: int) -> Llama:
         """``depth`` more blocks with their own final norm, fed the trunk's pre-norm stream (NAR's extra
         layers before the lower-neighbour head): ``branch(x_trunk, ...)``."""
@@ -249,12 +300,13 @@ class Llama(Backbone):
         return self._run(x_bld, pos, mask, cond_bd, return_trunk, state.layers, pos_l)
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, x_bld: Tensor, pos: tuple[Tensor, ...], mask: Tensor | None = None,
+    def forward(self, x_bld: Tensor, pos: tuple[Tensor, ...], mask: Tensor | FlexMask | None = None,
                 cond_bd: Tensor | None = None, return_trunk: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``x_bld`` (B, L, d) → ``h_bld`` (B, L, d), final norm applied.
 
         ``pos``: (cos, sin) for the L positions (:meth:`position_tables`); ``mask``: None for plain causal
-        attention, else a bool (L, L) / (B, 1, L, L) mask, True = may attend; ``cond_bd`` (B, d): the
+        attention, else a bool (L, L) / (B, 1, L, L) mask, True = may attend, or :meth:`prepare_mask`'s form of
+        an (L, L) one; ``cond_bd`` (B, d): the
         adaLN condition; ``return_trunk``: also return the last block's output before the final norm
         (the input of a :meth:`branch`).
         """

@@ -23,18 +23,19 @@ from arlab.tokenizer.vqgan import VQGANTokenizer
 
 
 def build_generator(experiment: dict[str, Any], vocab_size: int, scales: list | tuple[int, int], num_classes: int,
-                    z_loss: float = 0.0, token_dropout: float = 0.0, quantizer: nn.Module | None = None
-                    ) -> Generator:
+                    z_loss: float = 0.0, token_dropout: float = 0.0, quantizer: nn.Module | None = None,
+                    loss_chunk: int = 4096) -> Generator:
     """Assemble the generator from an experiment's backbone / order / shuffle / conditioner slots.
 
     ``scales``: the tokenizer's (h, w) grid or its list of scales; ``quantizer``: the tokenizer's msvq
-    (the next-scale order builds its inputs with it)."""
+    (the next-scale order builds its inputs with it); ``loss_chunk``: rows per chunk of the chunked head + CE
+    used when the generator is called with ``return_logits=False`` (0: full logits)."""
     backbone = build("backbone", experiment["backbone"])
     order = build("order", experiment.get("order", "raster"))
     shuffle = build("shuffle", experiment.get("shuffle", {"type": "window", "s": 1}), dim=backbone.dim)
     cond = build("conditioner", experiment.get("conditioner", "class"), dim=backbone.dim, num_classes=num_classes)
     return Generator(backbone, order, shuffle, cond, vocab_size, scales, z_loss=z_loss, token_dropout=token_dropout,
-                     quantizer=quantizer)
+                     quantizer=quantizer, loss_chunk=loss_chunk)
 
 
 def scales_of(meta: dict[str, Any]) -> list[tuple[int, int]]:
@@ -53,7 +54,7 @@ def generator_from_meta(experiment: dict[str, Any], meta: dict[str, Any], task_c
             raise ConfigError("a multi-scale generator needs its tokenizer's quantizer")
         quantizer = tokenizer.quantizer
     return build_generator(experiment, meta["vocab_size"], scales, meta["num_classes"], z_loss=task_cfg.z_loss,
-                           token_dropout=task_cfg.token_dropout, quantizer=quantizer)
+                           token_dropout=task_cfg.token_dropout, quantizer=quantizer, loss_chunk=task_cfg.loss_chunk)
 
 
 @dataclass

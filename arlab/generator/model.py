@@ -29,6 +29,7 @@ at config time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arlab.backbone.base import Backbone, DecodeState, check_serves
+from arlab.backbone.base import Backbone, check_serves
 from arlab.conditioner.base import Conditioner
+from arlab.generator.decoding import DecodeStep, Decoding, StatePool, sample_recompute, with_padding
 from arlab.generator.layout import Layout
+from arlab.generator.linear_ce import linear_cross_entropy
 from arlab.generator.sampling import Guidance, check_schedule, draw
 from arlab.order.base import Order, OrderPlan
 from arlab.shuffle.window import TokenShuffle
@@ -46,9 +49,9 @@ from arlab.shuffle.window import TokenShuffle
 
 @dataclass
 class GenOut:
-    logits_bnv: Tensor  # (B, N, V) float32, per token in layout order
+    logits_bnv: Tensor | None  # (B, N, V) float32, per token in layout order (None: chunked loss, not kept)
     loss: Tensor  # scalar: CE over every token (+ z-loss)
-    ce: Tensor  # scalar CE
+    ce: Tensor  # scalar CE (chunked loss: not differentiable, only ``loss`` is)
     ce_per_window_pos: Tensor  # (s²,) CE per position inside a Token-Shuffle window
     z_loss: Tensor
     ce_per_scale: Tensor  # (S,) CE per scale (one grid: (1,))
@@ -57,42 +60,17 @@ class GenOut:
     @property
     def logits_bhwv(self) -> Tensor:
         """(B, h, w, V) for a one-grid layout."""
-        if self.grid is None:
-            raise ValueError("a multi-scale layout has no single grid; use logits_bnv")
+        if self.grid is None or self.logits_bnv is None:
+            raise ValueError("no logits on one grid (a multi-scale layout, or return_logits=False)")
         return self.logits_bnv.unflatten(1, self.grid)
-
-
-@dataclass(frozen=True)
-class DecodeStep:
-    """One order step of the decode schedule: the input slots it feeds (ascending, ``in_order[inputs]``) and
-    the target slots it emits."""
-
-    inputs: slice  # range of Generator.in_order holding the input slots fed
-    targets: slice  # target slots emitted
-    direct: bool  # head 0 alone reads each target from its own input slot, in order (no gather)
-
-
-@dataclass
-class _Decoding:
-    """Per-call sampling context: the doubled (CFG) conditions, the decode states, the position tables."""
-
-    batch: int
-    guidance: Guidance
-    prefix: Tensor  # (nb, P, d)
-    vec: Tensor | None  # (nb, d) adaLN vector
-    valid: Tensor | None  # (nb, P) condition key validity
-    states: list[DecodeState]  # backbone (and branch)
-    tables: tuple[Tensor, ...]  # position tables of every input slot
-    order_state: Any
-    dtype: torch.dtype
-    bias: Tensor | None  # the order's per-input-slot embeddings, computed once per call
 
 
 class Generator(nn.Module):
     def __init__(self, backbone: Backbone, order: Order, shuffle: TokenShuffle, conditioner: Conditioner,
                  vocab_size: int, scales: list | tuple, z_loss: float = 0.0, token_dropout: float = 0.0,
-                 quantizer: nn.Module | None = None):
+                 quantizer: nn.Module | None = None, loss_chunk: int = 4096):
         super().__init__()
+        self.loss_chunk = int(loss_chunk)  # rows per chunk of the chunked head + CE (0: plain full-logits loss)
         self.backbone, self.order, self.shuffle, self.conditioner = backbone, order, shuffle, conditioner
         if isinstance(scales, tuple) and len(scales) == 2 and all(isinstance(x, int) for x in scales):
             scales = [scales]  # one (h, w) grid
@@ -145,6 +123,10 @@ class Generator(nn.Module):
         # (T, T) mask of the training sequence; its row P - 1 + j is what input j sees in the decode state
         self.register_buffer("train_mask", plan.full_mask(p), persistent=False)
         self._causal = plan.causal
+        self._masks: dict[str, Any] = {}  # device → the backbone's form of train_mask (Backbone.prepare_mask)
+        self._decode_fn: Callable | None = None  # compiled decode_core (compile_decode)
+        self._decode_graphs = False
+        self._states = StatePool()
 
     # ------------------------------------------------------------------------------ plan helpers
     @property
@@ -179,34 +161,45 @@ class Generator(nn.Module):
             ident = torch.cat([torch.ones(prefix, dtype=torch.bool, device=rows.device), ident])
         return self.backbone.position_tables(rows, cols, ident)
 
-    def _padding(self, mask: Tensor, valid: Tensor | None, q_pos: Tensor) -> Tensor:
-        """Combine a (Lq, S) mask with the condition's padding (B, P): padded keys are hidden from every
-        query but themselves (a padded query then still sees one key). → (B, 1, Lq, S) or ``mask``."""
-        if valid is None:
-            return mask
-        b, S = valid.shape[0], mask.shape[-1]
-        keys = torch.ones(b, S, dtype=torch.bool, device=mask.device)
-        keys[:, : valid.shape[1]] = valid
-        self_pos = torch.arange(S, device=mask.device)[None, :] == q_pos[:, None]  # (Lq, S)
-        return ((mask[None] & keys[:, None]) | self_pos[None])[:, None]
+    def static_mask(self) -> Any:
+        """The (T, T) training mask as the backbone's attention kernel takes it (a flex BlockMask for
+        ``attn: flex``), built on first use per device and cached; call it once before compiling a step."""
+        key = str(self.train_mask.device)
+        if key not in self._masks:
+            self._masks[key] = self.backbone.prepare_mask(self.train_mask)
+        return self._masks[key]
 
     def embed_windows(self, win_bnk: Tensor) -> Tensor:
         """Tokens of n cells, (B, n, s²) → fused input embeddings (B, n, d)."""
         return self.shuffle.shuffle_windows(self.tok_embedding(win_bnk))
 
     def _logits(self, hids: list[Tensor], targets: slice, step: int | None = None) -> Tensor:
-        """Logits (B, n_t, s², V) float32 of the target slots ``targets`` (one tensor of hidden states per
-        head): each target averages the heads that read it. ``step`` None: ``hids`` hold every input slot
-        in order (training); else only the inputs that decoding step fed."""
-        heads = [self.head] if self.head2 is None else [self.head, self.head2]
-        per_head = [head(self.shuffle.unshuffle(h)).float() for head, h in zip(heads, hids)]
+        """Logits (B, n_t, s², V) float32 (float64 for a float64 model) of the target slots ``targets`` (one
+        tensor of hidden states per head): each target averages the heads that read it. ``step`` None: ``hids``
+        hold every input slot in order (training); else only the inputs that decoding step fed."""
+        per_head = self._head_logits(hids)
         if self._direct_train if step is None else self.schedule[step].direct:
             return per_head[0]
-        out = 0.0
-        for k, lg in enumerate(per_head):
+        return self._mix(per_head, self._gather(targets, step))
+
+    def _head_logits(self, hids: list[Tensor]) -> list[Tensor]:
+        heads = [self.head] if self.head2 is None else [self.head, self.head2]
+        per_head = [head(self.shuffle.unshuffle(h)) for head, h in zip(heads, hids)]
+        return [lg if lg.dtype == torch.float64 else lg.float() for lg in per_head]  # float32 at least
+
+    def _gather(self, targets: slice, step: int | None) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Per head: the index of the hidden state it reads for each target (among the step's inputs when
+        ``step`` is given) and its weight in the mean."""
+        out = []
+        for k in range(self.reads.shape[1]):
             idx = self.reads[targets, k]
-            idx = idx if step is None else self.in_local[idx]
-            wk = self.read_w[targets, k]
+            out.append((idx if step is None else self.in_local[idx], self.read_w[targets, k]))
+        return tuple(out)
+
+    @staticmethod
+    def _mix(per_head: list[Tensor], gather: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+        out = 0.0
+        for lg, (idx, wk) in zip(per_head, gather):
             out = out + lg[:, idx.clamp(0, lg.shape[1] - 1)] * wk[None, :, None, None]
         return out
 
@@ -218,8 +211,11 @@ class Generator(nn.Module):
         return x_bn.unflatten(1, self.grid) if self.grid is not None else x_bn
 
     # ------------------------------------------------------------------------------ training forward
-    def forward(self, codes: Tensor, cond: Tensor) -> GenOut:
-        """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`."""
+    def forward(self, codes: Tensor, cond: Tensor, return_logits: bool = True) -> GenOut:
+        """``codes`` (B, N) or (B, h, w); ``cond`` labels (B,) or caption ids (B, P) → :class:`GenOut`.
+
+        ``return_logits=False`` (training) with ``loss_chunk`` > 0: the head and CE run chunk by chunk
+        (:func:`~arlab.generator.linear_ce.linear_cross_entropy`) and no logits are kept (``logits_bnv`` None)."""
         codes_bn = self.layout.flat(codes).long()
         p = self.prefix_len
         bias = self.order.input_bias()
@@ -231,8 +227,10 @@ class Generator(nn.Module):
             inp = inp + bias[1:]
         seq = self.token_drop(torch.cat([prefix.to(inp.dtype), inp], dim=1))  # (B, P + L - 1, d)
         T = seq.shape[1]
-        mask = None if (self._causal and valid is None) else self._padding(self.train_mask, valid,
-                                                                              torch.arange(T, device=seq.device))
+        if valid is None:  # the fixed training mask, in the backbone's kernel form (built once per device)
+            mask = None if self._causal else self.static_mask()
+        else:
+            mask = with_padding(self.train_mask, valid, torch.arange(T, device=seq.device))
         tables = self._tables(slice(1, None), p)
         if self.branch is None:
             hids = [self.backbone(seq, tables, mask=mask, cond_bd=vec)]
@@ -240,17 +238,42 @@ class Generator(nn.Module):
             h, trunk = self.backbone(seq, tables, mask=mask, cond_bd=vec, return_trunk=True)
             hids = [h, self.branch(trunk, tables, mask=mask, cond_bd=vec)]
         hids = [h[:, p - 1:] for h in hids]
+        if not return_logits and self.loss_chunk > 0:
+            return self._chunked_loss(hids, codes_bn)
         L = self.plan.length
         logits_bnv = self._slots_to_tokens(self._logits(hids, slice(0, L)))  # (B, N, V)
         ce_bn = F.cross_entropy(logits_bnv.transpose(1, 2), codes_bn, reduction="none")
         ce = ce_bn.mean()
         z = torch.logsumexp(logits_bnv, dim=-1).pow(2).mean() if self.z_loss_weight > 0 else ce.new_zeros(())
+        return self._out(logits_bnv, ce + self.z_loss_weight * z, ce, ce_bn, z)
+
+    def _out(self, logits_bnv: Tensor | None, loss: Tensor, ce: Tensor, ce_bn: Tensor, z: Tensor) -> GenOut:
         per_pos = self.layout.windows(ce_bn.detach()).mean((0, 1))  # (s²,)
         per_scale = torch.stack([c.mean() for c in ce_bn.detach().split(self.layout.scale_tokens(), dim=1)])
-        return GenOut(logits_bnv, ce + self.z_loss_weight * z, ce, per_pos, z, per_scale, self.grid)
+        return GenOut(logits_bnv, loss, ce, per_pos, z, per_scale, self.grid)
+
+    def _chunked_loss(self, hids: list[Tensor], codes_bn: Tensor) -> GenOut:
+        """The training loss without full logits: the unshuffled per-token states of every target (B, L, s², d)
+        — NAR: each head's states gathered at the slots it reads, weighted by ``read_w`` and concatenated along
+        d, against the heads' weights concatenated along d (the same averaged logits) — through the chunked
+        head + CE over every original token."""
+        heads = [self.head] if self.head2 is None else [self.head, self.head2]
+        per_head = [self.shuffle.unshuffle(h) for h in hids]  # (B, L, s², d) each
+        if self._direct_train:
+            h_blkd, w_vd = per_head[0], self.head.weight
+        else:
+            h_blkd = torch.cat([u[:, self.reads[:, k]] * self.read_w[:, k, None, None].to(u.dtype)
+                                for k, u in enumerate(per_head)], dim=-1)
+            w_vd = torch.cat([hd.weight for hd in heads], dim=1)
+        y_blk = self.layout.windows(codes_bn)[:, self.perm]  # the s² tokens each target slot predicts
+        loss, ce_n, lse_n = linear_cross_entropy(h_blkd.flatten(0, 2), w_vd, y_blk.flatten(), self.loss_chunk,
+                                                 self.z_loss_weight)
+        ce_bn = self._slots_to_tokens(ce_n.view(y_blk.shape))
+        z = lse_n.pow(2).mean() if self.z_loss_weight > 0 else loss.new_zeros(()).detach()
+        return self._out(None, loss, ce_bn.mean(), ce_bn, z)
 
     # ------------------------------------------------------------------------------ sampling steps
-    def start(self, cond: Tensor, guidance: Guidance) -> _Decoding:
+    def start(self, cond: Tensor, guidance: Guidance) -> Decoding:
         """The sampling context for conditions ``cond``: conditional and null halves in one batch when guided,
         preallocated decode states for the whole sequence, position tables of every input slot."""
         dev = cond.device
@@ -262,31 +285,35 @@ class Generator(nn.Module):
         if dev.type != "cpu" and torch.is_autocast_enabled(dev.type):
             dtype = torch.get_autocast_dtype(dev.type)
         states = [m.init_state(nb, total, dtype, dev) for m in (self.backbone, self.branch) if m is not None]
+        if self._decode_fn is not None:  # a compiled step: the same state tensors every call
+            states = self._states.reuse(states)
         order_state = self.order.start_sampling() if self.order.continuous else None
-        return _Decoding(cond.shape[0], guidance, prefix, vec, valid, states, self._tables(None), order_state, dtype,
+        return Decoding(cond.shape[0], guidance, prefix, vec, valid, states, self._tables(None), order_state, dtype,
                          bias)
 
-    def _feed(self, ctx: _Decoding, x: Tensor, pos_l: Tensor, tables: tuple[Tensor, ...], mask: Tensor) -> list[Tensor]:
-        """Feed new positions into the decode state(s): hidden states per head (backbone, and NAR's branch)."""
-        mask = self._padding(mask, ctx.valid, pos_l)
+    def _feed(self, states: list, x: Tensor, pos_l: Tensor, tables: tuple[Tensor, ...], mask: Tensor,
+              vec: Tensor | None) -> list[Tensor]:
+        """Feed new positions into the decode state(s) (``mask`` rows already padded): hidden states per head
+        (backbone, and NAR's branch)."""
         call = self.backbone.step if x.shape[1] == 1 else self.backbone.prefill
         if self.branch is None:
-            return [call(x, ctx.states[0], pos_l, tables, mask, ctx.vec)]
-        h, trunk = call(x, ctx.states[0], pos_l, tables, mask, ctx.vec, return_trunk=True)
+            return [call(x, states[0], pos_l, tables, mask, vec)]
+        h, trunk = call(x, states[0], pos_l, tables, mask, vec, return_trunk=True)
         branch_call = self.branch.step if x.shape[1] == 1 else self.branch.prefill
-        return [h, branch_call(trunk, ctx.states[1], pos_l, tables, mask, ctx.vec)]
+        return [h, branch_call(trunk, states[1], pos_l, tables, mask, vec)]
 
-    def prefill(self, ctx: _Decoding) -> Tensor:
+    def prefill(self, ctx: Decoding) -> Tensor:
         """Step 0: the condition tokens, causal among themselves → the first step's logits (nb, n_t, s², V)."""
         p, dev = self.prefix_len, ctx.prefix.device
         pos_l = torch.arange(p, device=dev)
         mask = self.train_mask[:p]  # the condition, causal among itself, over the whole decode state
         tables = self.backbone.position_tables(torch.zeros(p, device=dev), torch.zeros(p, device=dev),
                                                torch.ones(p, dtype=torch.bool, device=dev))
-        hids = [h[:, -1:] for h in self._feed(ctx, ctx.prefix.to(ctx.dtype), pos_l, tables, mask)]
+        mask = with_padding(mask, ctx.valid, pos_l)
+        hids = [h[:, -1:] for h in self._feed(ctx.states, ctx.prefix.to(ctx.dtype), pos_l, tables, mask, ctx.vec)]
         return self._logits(hids, self.schedule[0].targets, 0)
 
-    def step_inputs(self, ctx: _Decoding, step: int, codes_bn: Tensor) -> Tensor:
+    def step_inputs(self, ctx: Decoding, step: int, codes_bn: Tensor) -> Tensor:
         """The fused inputs (B, n_in, d) that order step ``step`` ≥ 1 feeds, from the tokens drawn so far."""
         lay, isl = self.layout, self.in_order[self.schedule[step].inputs]
         if self.order.continuous:
@@ -298,15 +325,41 @@ class Generator(nn.Module):
             x = self.embed_windows(codes_bn[:, lay.win_index[self.in_cells[isl]]])
         return x if ctx.bias is None else x + ctx.bias[isl]
 
-    def decode_step(self, ctx: _Decoding, step: int, codes_bn: Tensor) -> Tensor:
-        """Order step ``step`` ≥ 1: feed its inputs at their positions → logits of its targets (nb, n_t, s², V)."""
-        isl = self.in_order[self.schedule[step].inputs]
+    def decode_step(self, ctx: Decoding, step: int, codes_bn: Tensor) -> Tensor:
+        """Order step ``step`` ≥ 1: feed its inputs at their positions → logits of its targets (nb, n_t, s², V).
+        The indices come from the schedule here; :meth:`decode_core` (compiled by :meth:`compile_decode`) gets
+        tensors only."""
+        st = self.schedule[step]
+        isl = self.in_order[st.inputs]
         x = self.step_inputs(ctx, step, codes_bn)
         x = torch.cat([x, x]) if ctx.guidance.guided else x
         pos_l = self.prefix_len - 1 + isl
         tables = tuple(t[isl] for t in ctx.tables)
-        return self._logits(self._feed(ctx, x.to(ctx.dtype), pos_l, tables, self.train_mask[pos_l]),
-                            self.schedule[step].targets, step)
+        mask = with_padding(self.train_mask[pos_l], ctx.valid, pos_l)
+        gather = () if st.direct else self._gather(st.targets, step)
+        if self._decode_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        return (self._decode_fn or self.decode_core)(x.to(ctx.dtype), pos_l, tables, mask, ctx.states, ctx.vec,
+                                                     gather)
+
+    def decode_core(self, x: Tensor, pos_l: Tensor, tables: tuple[Tensor, ...], mask: Tensor, states: list,
+                    vec: Tensor | None, gather: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+        """The model part of a decode step: inputs (nb, n, d) at positions ``pos_l`` (n,) with ``mask`` rows
+        (n, S) or (nb, 1, n, S) through the decode ``states`` → logits (nb, n_t, s², V); ``gather`` () when head 0
+        reads each target from its own input, else :meth:`_gather`'s per-head indices. No host syncs."""
+        per_head = self._head_logits(self._feed(states, x, pos_l, tables, mask, vec))
+        return per_head[0] if not gather else self._mix(per_head, gather)
+
+    def compile_decode(self, mode: str | None = "default", backend: str = "inductor", fullgraph: bool = True
+                       ) -> Generator:
+        """Compile :meth:`decode_core` with ``torch.compile`` (``mode="reduce-overhead"`` on CUDA: CUDA graphs
+        over the static KV cache, whose tensors are then pooled across calls at fixed addresses); ``None``:
+        back to eager. Returns the generator."""
+        self._decode_graphs = mode == "reduce-overhead"
+        self._states = StatePool(static=self._decode_graphs)
+        self._decode_fn = None if mode is None else torch.compile(self.decode_core, mode=mode, backend=backend,
+                                                                  fullgraph=fullgraph)
+        return self
 
     def place(self, codes_bn: Tensor, tok: Tensor, step: int) -> None:
         """Write the tokens (B, n_t, s²) drawn at ``step`` into ``codes_bn`` (B, N)."""
@@ -343,19 +396,5 @@ class Generator(nn.Module):
                          return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Reference sampler: no decode state, the full teacher-forced forward at every step (for tests and
         benchmarks; call it in eval mode, as :meth:`sample`, or dropout stays on)."""
-        lay = self.layout
-        codes = torch.zeros(cond.shape[0], lay.num_tokens, dtype=torch.long, device=cond.device)
-        out_logits = (torch.zeros(cond.shape[0], lay.num_tokens, self.vocab_size, device=cond.device)
-                      if return_logits else None)
-        for step, st in enumerate(self.schedule):
-            if guidance.guided:
-                both = self.forward(torch.cat([codes, codes]), torch.cat([cond, self.conditioner.null_like(cond)]))
-                logits = guidance.mix(both.logits_bnv, step)
-            else:
-                logits = self.forward(codes, cond).logits_bnv
-            tok_idx = lay.win_index[self.perm[st.targets]]  # (n, s²) token positions of this step's cells
-            win_logits = logits[:, tok_idx]  # (B, n, s², V)
-            codes[:, tok_idx.flatten()] = draw(win_logits, temperature, top_k, top_p, generator).flatten(1)
-            if out_logits is not None:
-                out_logits[:, tok_idx.flatten()] = win_logits.flatten(1, 2)
-        return (self._shape(codes), self._shape(out_logits)) if return_logits else self._shape(codes)
+        codes, logits = sample_recompute(self, cond, guidance, temperature, top_k, top_p, generator, return_logits)
+        return (self._shape(codes), self._shape(logits)) if return_logits else self._shape(codes)

@@ -68,9 +68,13 @@ class Task(pl.LightningModule):
 
     def adamw_warmup_cosine(self, module: nn.Module, lr: float, betas: list[float], weight_decay: float,
                             warmup_steps: int, lr_schedule: str, min_lr_ratio: float) -> dict[str, Any]:
-        """AdamW over ``module`` (decay groups from :mod:`arlab.layers`) with warm-up and constant / cosine
-        decay over the trainer's ``max_steps``: what ``configure_optimizers`` returns."""
-        opt = torch.optim.AdamW(decay_groups(module, weight_decay), lr=lr, betas=tuple(betas))
+        """AdamW over ``module`` (decay groups from :mod:`arlab.layers`; the fused CUDA kernel when every parameter
+        is on CUDA) with warm-up and constant / cosine decay over the trainer's ``max_steps``: what
+        ``configure_optimizers`` returns."""
+        groups = decay_groups(module, weight_decay)
+        params = [p for g in groups for p in g["params"]]
+        cuda = bool(params) and all(p.is_cuda for p in params)  # the fused kernel when every parameter is on CUDA
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=cuda or None)
         total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total, lr_schedule, min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -18,6 +18,7 @@ Assembly and loading without Lightning: :mod:`arlab.generator.build`; sampling t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class GeneratorModule(Task):
         grad_clip: float = 1.0
         z_loss: float = 0.0  # PaLM z-loss weight on logsumexp² (Token-Shuffle's stabiliser; e.g. 1e-4)
         token_dropout: float = 0.0  # dropout on the input sequence embeddings (LlamaGen 0.1)
+        loss_chunk: int = 4096  # head + CE over this many tokens at a time, no full logits; 0 = plain full logits
+        compile: Any = "auto"  # torch.compile the training forward + loss: true, false, auto (= on CUDA only)
         sample_every_n_steps: int = 500  # sample grid to TensorBoard; 0 = never
         n_sample_images: int = 20
         sample_cfg: float = 2.0  # CFG scale of logged / evaluated samples
@@ -82,6 +85,8 @@ class GeneratorModule(Task):
                 check_schedule(self.sample_schedule)
             except ConfigError as e:
                 raise ConfigError(f"sample_schedule={self.sample_schedule!r}: {e}") from None
+            if self.compile not in (True, False, "auto"):
+                raise ConfigError(f"compile={self.compile!r}: must be true, false or auto (true on CUDA, false on CPU)")
             if len(self.betas) != 2:
                 raise ConfigError(f"betas must be two numbers, got {self.betas}")
             for i, b in enumerate(self.betas):
@@ -90,7 +95,7 @@ class GeneratorModule(Task):
             values = dataclasses.asdict(self)
             for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
                         "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
-                        "vocab_size"):
+                        "vocab_size", "loss_chunk"):
                 check_range(key, values[key], ge=0)
             check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
             check_range("token_dropout", self.token_dropout, ge=0, lt=1)
@@ -199,6 +204,7 @@ class GeneratorModule(Task):
         self.last_val: dict[str, float] = {}
         self.final: dict[str, float] = {}
         self._samples_png: np.ndarray | None = None
+        self._train_fn: Any = None  # the (possibly compiled) training forward, chosen on the first step
 
     # ------------------------------------------------------------------------------ pieces
     @property
@@ -222,6 +228,16 @@ class GeneratorModule(Task):
                              f"(scales {self.model.layout.scales})")
         return tokens.long()
 
+    def train_forward(self) -> Any:
+        """The training forward + chunked loss, ``torch.compile``-d when ``task.compile`` says so (``auto``: on
+        CUDA); the fixed attention mask is prepared before compiling."""
+        if self._train_fn is None:
+            on = self.cfg.compile is True or (self.cfg.compile == "auto" and self.device.type == "cuda")
+            self.model.static_mask()
+            fn = functools.partial(self.model.forward, return_logits=False)
+            self._train_fn = torch.compile(fn, dynamic=False) if on else fn
+        return self._train_fn
+
     def _cond(self, batch: dict[str, Any]) -> Tensor:
         """The batch's condition: class labels, or caption ids for a text conditioner."""
         return self.model.conditioner.from_batch(batch, self.meta["classes"])
@@ -230,7 +246,7 @@ class GeneratorModule(Task):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         codes = self._codes(batch)
         cond = self.model.conditioner.drop(self._cond(batch))
-        out = self.model(codes, cond)
+        out = self.train_forward()(codes, cond)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite generator loss {out.loss.item()} at step {self.global_step} "
                                      f"(batch {batch_idx}, keys {batch['key'][:4]}...); the last good checkpoint "
@@ -251,7 +267,7 @@ class GeneratorModule(Task):
         return out.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.model(self._codes(batch), self._cond(batch))
+        out = self.model(self._codes(batch), self._cond(batch), return_logits=False)
         b = batch["tokens"].shape[0]
         self.log("val/ce", out.ce, batch_size=b, sync_dist=True)
         if out.ce_per_scale.numel() > 1:

@@ -153,8 +153,8 @@ def test_non_finite_loss_stops_with_step_and_batch(chain, monkeypatch, tmp_path)
 
     orig = gm.Generator.forward
 
-    def nan_forward(self, codes, labels):
-        out = orig(self, codes, labels)
+    def nan_forward(self, codes, labels, **kw):
+        out = orig(self, codes, labels, **kw)
         out.loss = out.loss * float("nan")
         return out
 
