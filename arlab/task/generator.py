@@ -247,7 +247,10 @@ class GeneratorModule(Task):
         codes = self._codes(batch)
         cond = self.model.conditioner.drop(self._cond(batch))
         out = self.train_forward()(codes, cond)
-        if not torch.isfinite(out.loss):
+        # checking finiteness reads the loss on the host: every step on a CPU (free), at logging steps on a GPU
+        # (a sync per step would stall the queue); a diverged run stops within one logging interval
+        if (codes.device.type == "cpu" or self.global_step % max(1, self.trainer.log_every_n_steps) == 0) \
+                and not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite generator loss {out.loss.item()} at step {self.global_step} "
                                      f"(batch {batch_idx}, keys {batch['key'][:4]}...); the last good checkpoint "
                                      "is kept")
