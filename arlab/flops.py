@@ -80,13 +80,16 @@ def batch_rows(batch: Any) -> int:
 
 
 def side_effect_free(module: nn.Module, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` and restore ``module``'s gradients and buffers and the RNG (CPU and the module's device)
-    as they were: a probe leaves the training trajectory unchanged."""
+    """Run ``fn`` and restore ``module``'s gradients, parameter values, buffers and the RNG (CPU and the
+    module's device) as they were: a probe leaves the training trajectory unchanged. Parameter values too,
+    because some forwards write them in place (a VQ codebook's EMA update or dead-code restart); the copy
+    is made at the first batch, before the optimizer has allocated its state."""
     params = list(module.parameters())
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    values = [p.detach().clone() for p in params]
     device = next(iter(params), torch.empty(0)).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
@@ -95,6 +98,8 @@ def side_effect_free(module: nn.Module, fn: Callable[[], Any]) -> Any:
             for p, g in zip(params, grads):
                 p.grad = g
             with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
                 for n, b in module.named_buffers():
                     if n in buffers:
                         b.copy_(buffers[n])

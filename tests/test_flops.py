@@ -74,3 +74,33 @@ def test_per_image_count_is_linear_in_the_batch_and_the_probe_changes_nothing():
 def test_slice_batch_keeps_structure():
     b = slice_batch({"tokens": torch.zeros(4, 3), "key": ["a", "b", "c", "d"], "n": 7}, 2)
     assert b["tokens"].shape == (2, 3) and b["key"] == ["a", "b"] and b["n"] == 7
+
+
+def test_probe_restores_values_written_in_place_by_a_forward():
+    """A forward that writes a parameter and a buffer in place (a VQ codebook's EMA update, a dead-code
+    restart) and draws random numbers leaves no trace after the probe: values and the RNG as before."""
+    from arlab.flops import side_effect_free
+
+    class InPlace(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.codebook = torch.nn.Parameter(torch.randn(4, 3), requires_grad=False)
+            self.w = torch.nn.Parameter(torch.randn(3, 3))
+            self.register_buffer("count", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.codebook.mul_(0.5).add_(torch.rand(4, 3))
+                self.count.add_(1)
+            return (x @ self.w).sum()
+
+    m = InPlace()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(7)
+    expected_next = torch.rand(2)
+    torch.manual_seed(7)
+    side_effect_free(m, lambda: m(torch.randn(2, 3)).backward())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert m.w.grad is None
+    assert torch.equal(torch.rand(2), expected_next)
