@@ -71,15 +71,18 @@ def final_eval(run: Run, name: str) -> dict[str, Any] | None:
 
 
 def mean_points(points: list[tuple[Any, dict[str, float]]]) -> list[dict[str, Any]]:
-    """Points keyed by ``key`` (a setting or a step) from several runs → one point per key, fields averaged."""
+    """Points keyed by ``key`` (a setting or a step) from several runs → one point per key, each field averaged
+    over the runs that have it (a run trained before FLOPs were counted still adds its value; the FLOPs of a
+    step come from the runs that counted them)."""
     by: dict[Any, list[dict[str, float]]] = {}
     for key, p in points:
         by.setdefault(key, []).append(p)
     out = []
     for key in sorted(by, key=lambda k: (isinstance(k, str), k)):
         ps = by[key]
-        fields = sorted(set.intersection(*(set(p) for p in ps)))
-        out.append({"key": key, "n": len(ps), **{f: fixed(sum(p[f] for p in ps) / len(ps)) for f in fields}})
+        fields = sorted(set.union(*(set(p) for p in ps)))
+        means = {f: fixed(sum(v) / len(v)) for f in fields for v in [[p[f] for p in ps if f in p]]}
+        out.append({"key": key, "n": len(ps), **means})
     return out
 
 
