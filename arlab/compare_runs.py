@@ -15,7 +15,7 @@ from typing import Any
 
 from arlab.errors import ConfigError
 from arlab.flops import read_sidecar
-from arlab.rundir import CONFIG, RESUMABLE_CHANGES, _flat, run_of_checkpoint
+from arlab.rundir import CONFIG, RESUMABLE_CHANGES, flat_keys, run_of_checkpoint
 
 QUANTITIES = {  # key -> (column title, metrics.json key or a derived quantity)
     "params": ("parameters", "model/params"),
@@ -158,7 +158,7 @@ def group_key(run: Run, by: str) -> str:
         return str(run.path)
     if by == "experiment":
         return run.name
-    flat = {k: v for k, v in _flat(run.tree).items() if k not in IGNORED_FOR_GROUPS}
+    flat = {k: v for k, v in flat_keys(run.tree).items() if k not in IGNORED_FOR_GROUPS}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -173,8 +173,8 @@ def label_groups(groups: dict[str, list[Run]], by: str) -> dict[str, list[Run]]:
             runs = groups[key]
             label = str(runs[0].path) if by == "run" else name
             if len(keys) > 1 and by == "config":
-                mine = _flat(runs[0].tree)
-                others = [_flat(groups[k][0].tree) for k in keys if k != key]
+                mine = flat_keys(runs[0].tree)
+                others = [flat_keys(groups[k][0].tree) for k in keys if k != key]
                 diff = sorted(k for k in mine
                               if k not in IGNORED_FOR_GROUPS and any(o.get(k) != mine[k] for o in others))
                 label = f"{name} ({', '.join(f'{k}={mine[k]}' for k in diff[:3])})"

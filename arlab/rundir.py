@@ -39,18 +39,20 @@ CONFIG = "config.yaml"
 RESUMABLE_CHANGES = ("run.dir", "run.resume", "trainer.enable_progress_bar", "description")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config tree → ``{"a.b.c": leaf}`` (an empty mapping is a leaf): what config diffs and run grouping
+    compare."""
     if isinstance(tree, Mapping) and tree:
         out: dict[str, Any] = {}
         for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``key: old → new`` for every key whose value differs (keys in RESUMABLE_CHANGES excepted)."""
-    a, b = _flat(saved), _flat(new)
+    a, b = flat_keys(saved), flat_keys(new)
     out = []
     for key in sorted(set(a) | set(b)):
         if key in RESUMABLE_CHANGES or a.get(key, "<absent>") == b.get(key, "<absent>"):
