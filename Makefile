@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/arlab train $(QUICKSTART) run.dir=runs/quickstart
 	$(BIN)/arlab sample runs/quickstart/checkpoints/last.ckpt --n 100 --seed 0 --out runs/quickstart/samples
-	@echo "done: runs/quickstart/samples/samples.png (one column per class), metrics.json; tokenizer in runs/shapes/tokenizer"
+	@echo "done: runs/quickstart/samples/samples.png (one column per class), metrics.json; tokenizer in runs/shapes/tokenizer-quick"
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs"
 
 test: setup
