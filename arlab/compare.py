@@ -80,9 +80,11 @@ def mean_points(points: list[tuple[Any, dict[str, float]]]) -> list[dict[str, An
     out = []
     for key in sorted(by, key=lambda k: (isinstance(k, str), k)):
         ps = by[key]
-        fields = sorted(set.union(*(set(p) for p in ps)))
-        means = {f: fixed(sum(v) / len(v)) for f in fields for v in [[p[f] for p in ps if f in p]]}
-        out.append({"key": key, "n": len(ps), **means})
+        point: dict[str, Any] = {"key": key, "n": len(ps)}
+        for f in sorted(set.union(*(set(p) for p in ps))):
+            values = [p[f] for p in ps if f in p]
+            point[f] = fixed(sum(values) / len(values))
+        out.append(point)
     return out
 
 

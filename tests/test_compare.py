@@ -116,7 +116,6 @@ def test_table_values_by_hand(runs):
     assert list(by_name) == ["exp/a"] and len(by_name["exp/a"]["runs"]) == 4
 
 
-
 def test_a_run_without_flop_count_keeps_its_values_on_the_compute_curve(tmp_path, monkeypatch):
     """A seed trained before FLOPs were counted (no checkpoints/flops.json) still adds its quality values; the
     step's FLOPs come from the seeds that counted them."""
@@ -128,6 +127,7 @@ def test_a_run_without_flop_count_keeps_its_values_on_the_compute_curve(tmp_path
     (g,) = build(["e"])["groups"]
     assert [(p["key"], p["n"], p["flops"], p["value"]) for p in g["compute"]["fid"]] == [
         (5, 2, 5e11, 9.5), (10, 2, 1e12, 8.5)]
+
 
 def test_outputs_are_byte_identical_and_the_cli_prints_the_table(runs, capsys):
     first = compare(["exp/a", "b"], out="out1", evals=["main"])
