@@ -50,7 +50,8 @@ EPILOG = {
   arlab train shapes/raster --seeds 0,1,2      runs/shapes/raster/seed0, seed1, seed2 (a re-run skips finished ones)""",
     "compare": """examples:
   arlab compare shapes/raster shapes/tokenshuffle-s2 --eval main --out runs/compare
-  arlab compare runs/shapes/raster runs/try/seed0 --group-by experiment""",
+  arlab compare runs/shapes/raster runs/try/seed0 --group-by experiment
+  arlab compare runs/cmp/raster runs/cmp/var --speed runs/bench-shapes.json   # images/s from one benchmark run""",
     "tokenize": """examples:
   arlab tokenize runs/vq-try/checkpoints/last.ckpt shapes runs/vq-try/tokens --flip
   arlab tokenize runs/vq-try/checkpoints/last.ckpt data/cifar10 data/cifar10-vq-tokens""",
@@ -167,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from arlab.compare import compare
 
-    result = compare(args.runs, out=args.out, evals=args.eval, group_by=args.group_by)
+    result = compare(args.runs, out=args.out, evals=args.eval, group_by=args.group_by, speed=args.speed)
     sys.stdout.write(result.markdown)
     print(f"wrote {', '.join(str(p) for p in result.files)}")
     return 0
@@ -466,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="append", default=[], metavar="NAME",
                    help="eval/NAME.json results to include (repeatable; default: every name found)")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--speed", default=None, metavar="FILE",
+                   help="images/s columns from one benchmark process (benchmarks/bench_experiments.py --json FILE)")
     p.add_argument("--group-by", choices=("config", "experiment", "run"), default="config",
                    help="config: runs that differ only in run.seed (default); experiment: by experiment name; "
                         "run: every run alone")

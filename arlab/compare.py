@@ -16,7 +16,10 @@ per image** = ``val/ce`` (nats per token) × tokens per image / ln 2 (comparable
 tokens per image from ``model/tokens_per_image``, else from the tokenizer config of the run's
 ``task.tokenizer_ckpt``). Then every metric of ``<run>/eval/<name>.json`` (``arlab eval``) at the run's
 best sampling setting for that metric (picked over ``settings`` by the file's ``directions``), with
-the setting. Evaluations of intermediate checkpoints, named ``<name>-step<N>.json`` (any file with the
+the setting. With ``--speed FILE`` (``benchmarks/bench_experiments.py --json``) two more columns give each
+model's training and sampling images/s from one benchmark process on one machine, so the ratios between
+rows are not load noise of the training runs; a row is matched by experiment name and trainable parameter
+count. Evaluations of intermediate checkpoints, named ``<name>-step<N>.json`` (any file with the
 same ``name`` prefix and a ``step``), give the quality-vs-training-compute curve.
 
 Outputs in ``--out``: ``compare.md``, ``compare.csv`` (one row per group and quantity),
@@ -35,6 +38,7 @@ from typing import Any
 
 from arlab.compare_runs import (
     QUANTITIES,
+    SPEED_COLUMNS,
     Run,
     Stat,
     best_settings,
@@ -44,8 +48,10 @@ from arlab.compare_runs import (
     label_groups,
     load_run,
     num,
+    read_speed,
     run_quantities,
     setting_text,
+    speed_of,
     tokens_per_image,
 )
 from arlab.errors import ConfigError
@@ -153,8 +159,9 @@ def eval_columns(runs: list[Run], name: str, prefix: str) -> dict[str, dict[str,
 
 
 def build(refs: list[str], evals: list[str] | None = None, group_by: str = "config",
-          runs_root: Path = Path("runs")) -> dict[str, Any]:
+          runs_root: Path = Path("runs"), speed: str | Path | None = None) -> dict[str, Any]:
     """Everything ``compare.json`` holds."""
+    bench = read_speed(speed) if speed else None
     paths = sorted({p for ref in refs for p in find_runs(ref, runs_root)}, key=str)
     loaded = [(p, load_run(p)) for p in paths]
     runs = [r for _, r in loaded if r is not None]
@@ -170,6 +177,9 @@ def build(refs: list[str], evals: list[str] | None = None, group_by: str = "conf
     for r in runs:
         grouped.setdefault(group_key(r, group_by), []).append(r)
     groups, columns = [], {k: t for k, (t, _) in QUANTITIES.items()}
+    if bench is not None:
+        columns |= {k: t for k, (t, _) in SPEED_COLUMNS.items()}
+    unmatched = []
     for label, grs in label_groups(grouped, group_by).items():
         g: dict[str, Any] = {"label": label, "experiment": grs[0].name, "runs": [str(r.path) for r in grs],
                              "seeds": [r.seed for r in grs], "quantities": {}, "settings": {}, "sampling": {},
@@ -179,6 +189,10 @@ def build(refs: list[str], evals: list[str] | None = None, group_by: str = "conf
             values = [q[key] for q in per_run if key in q]
             if values:
                 g["quantities"][key] = Stat(values).to_json()
+        if bench is not None:
+            g["bench"], why = speed_of(grs, bench)
+            if why:
+                unmatched.append(why)
         for name in names:
             for col, c in eval_columns(grs, name, f"{name}/" if len(names) > 1 else "").items():
                 columns.setdefault(col, col)
@@ -188,7 +202,11 @@ def build(refs: list[str], evals: list[str] | None = None, group_by: str = "conf
                 g["compute"][col] = mean_points(c["compute"])
         g["curve"] = group_curve(grs)
         groups.append(g)
-    return {"eval": names, "group_by": group_by, "columns": columns, "groups": groups, "skipped": skipped}
+    data = {"eval": names, "group_by": group_by, "columns": columns, "groups": groups, "skipped": skipped}
+    if bench is not None:
+        data["speed"] = {"file": str(speed), "unmatched": unmatched,
+                         **{k: bench.get(k) for k in ("device", "threads", "train_batch", "sample_batch")}}
+    return data
 
 
 def stat_of(q: dict[str, Any]) -> Stat:
@@ -202,13 +220,23 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
              "Mean ± std over the n runs of each group [95% interval of the mean, Student t with n − 1 degrees of "
              "freedom]; a cell from fewer runs says (n=k). Validation loss in bits per image = val CE (nats/token) × "
              "tokens per image / ln 2. Eval metrics (" + (", ".join(data["eval"]) or "none") + ") at each run's "
-             "best sampling setting.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "best sampling setting.", ""]
+    sp = data.get("speed")
+    if sp:
+        lines += [f"Columns marked (bench): one process of benchmarks/bench_experiments.py ({sp['file']}) timed every "
+                  f"model on one machine ({sp['device']}, {sp['threads']} threads; training: forward, backward and "
+                  f"AdamW at batch {sp['train_batch']}; sampling: KV-cached with CFG, {sp['sample_batch']} images per "
+                  "call; random weights), so their ratios are not load noise; the other images/s columns are "
+                  "the training runs' own, measured under whatever else ran.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in data["groups"]:
         n = len(g["runs"])
         cells = [g["label"], f"{n} ({','.join(map(str, g['seeds']))})"]
         for key in cols:
-            q = g["quantities"].get(key)
+            q, b = g["quantities"].get(key), (g.get("bench") or {}).get(key)
+            if b is not None:
+                cells.append(f"{b:.4g}")
+                continue
             cells.append("—" if q is None else stat_of(q).cell() + (f" (n={q['n']})" if q["n"] != n else ""))
         lines.append("| " + " | ".join(cells) + " |")
     settings = [(g["label"], col, s) for g in data["groups"] for col, s in sorted(g["settings"].items())]
@@ -219,6 +247,8 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "Runs:", ""] + [f"- {g['label']}: {', '.join(g['runs'])}" for g in data["groups"]]
     if data["skipped"]:
         lines += ["", "Skipped (no metrics.json: not finished): " + ", ".join(data["skipped"])]
+    if sp and sp["unmatched"]:
+        lines += ["", "No benchmark speed (another model than the benchmark's): " + "; ".join(sp["unmatched"])]
     if plots:
         lines += ["", "Plots: " + ", ".join(plots)]
     return "\n".join(lines) + "\n"
@@ -230,6 +260,10 @@ def csv_text(data: dict[str, Any]) -> str:
     w.writerow(["group", "quantity", "n", "mean", "std", "ci95_low", "ci95_high", "setting"])
     for g in data["groups"]:
         for key in data["columns"]:
+            b = (g.get("bench") or {}).get(key)
+            if b is not None:
+                w.writerow([g["label"], key, 1, f"{b:.10g}", "", "", "", ""])
+                continue
             q = g["quantities"].get(key)
             if q is None:
                 continue
@@ -241,11 +275,11 @@ def csv_text(data: dict[str, Any]) -> str:
 
 
 def compare(refs: list[str], out: str | Path = "runs/compare", evals: list[str] | None = None,
-            group_by: str = "config", runs_root: Path = Path("runs")) -> Result:
+            group_by: str = "config", runs_root: Path = Path("runs"), speed: str | Path | None = None) -> Result:
     """``arlab compare``: reads the runs, writes compare.md / .csv / .json and the plots into ``out``."""
     from arlab.compare_plots import write_plots
 
-    data = build(refs, evals, group_by, runs_root)
+    data = build(refs, evals, group_by, runs_root, speed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots, note = write_plots(data, out)

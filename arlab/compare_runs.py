@@ -218,6 +218,43 @@ def run_quantities(run: Run) -> dict[str, float]:
     return out
 
 
+SPEED_FORMAT = "arlab-speed/1"
+SPEED_COLUMNS = {"bench_train_images_per_s": ("train images/s (bench)", "train_images_per_s"),
+                 "bench_sample_images_per_s": ("sampling images/s (bench)", "sample_images_per_s")}
+
+
+def read_speed(path: str | Path) -> dict[str, Any]:
+    """A speed file of ``benchmarks/bench_experiments.py --json``: every experiment timed in one process on one
+    machine (``format``, ``device``, ``threads``, ``train_batch``, ``sample_batch`` and ``rows`` of
+    ``experiment``, ``params``, ``train_images_per_s``, ``sample_images_per_s``)."""
+    body = read_json(Path(path), "speed file")
+    rows = body.get("rows")
+    if body.get("format") != SPEED_FORMAT or not isinstance(rows, list):
+        raise ConfigError(f"--speed {path}: not a speed file ('format: {SPEED_FORMAT}' with 'rows'); write one with "
+                          "python benchmarks/bench_experiments.py --json FILE")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("experiment", "params", *(m for _, m in SPEED_COLUMNS.values())) if k not in r]
+        if missing:
+            raise ConfigError(f"--speed {path}: rows[{i}] lacks {', '.join(missing)}")
+    return body
+
+
+def speed_of(runs: list[Run], speed: dict[str, Any]) -> tuple[dict[str, float], str | None]:
+    """The speed file's row for a group of runs: the same experiment name *and* the same trainable parameter
+    count (a run trained with other overrides of the experiment is another model; the benchmark builds the
+    experiment as it is now). Returns ({column: value}, None) or ({}, why not)."""
+    name = runs[0].name
+    rows = [r for r in speed["rows"] if r["experiment"] == name]
+    if not rows:
+        return {}, None
+    params = {num(r.metrics.get("model/params")) for r in runs}
+    row = next((r for r in rows if {float(r["params"])} == params), None)
+    if row is None:
+        return {}, (f"{name}: the benchmark's model has {rows[0]['params']:.0f} parameters, the runs "
+                    f"{', '.join('?' if p is None else f'{p:.0f}' for p in sorted(params, key=lambda p: p or 0))}")
+    return {key: float(row[field]) for key, (_, field) in SPEED_COLUMNS.items()}, None
+
+
 def setting_text(setting: dict[str, Any]) -> str:
     """A sampling setting as text, keys sorted: ``cfg=2 schedule=half-linear ...``."""
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(setting.items()))

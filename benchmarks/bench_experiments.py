@@ -9,13 +9,17 @@ msvq scales; no checkpoint needed: speed does not depend on the weights). Measur
 training images/s (forward, backward, AdamW step at ``--train-batch``) and sampling images/s (KV
 cache, CFG with the experiment's schedule, ``--batch`` images). Ratios are against the first row
 (raster). With ``--runs`` the table also shows each trained run's parameters, validation CE and
-shapes class accuracy from its ``metrics.json``; ``--json`` writes the rows.
+shapes class accuracy from its ``metrics.json``. ``--json FILE`` writes the rows as a speed file
+(``format: arlab-speed/1``, with the device and thread count) that ``arlab compare --speed FILE`` puts
+beside the trained runs' quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -24,7 +28,8 @@ from common import timed, train_step_fn
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
 
-SETS = {"shapes": ["raster", "tokenshuffle-s2", "tokenshuffle-s4", "var", "nar", "text-tokenshuffle-s2"],
+SETS = {"shapes": ["raster", "tokenshuffle-s2", "tokenshuffle-s4", "var", "nar", "text-tokenshuffle-s2", "mamba-raster",
+                   "mamba-tokenshuffle-s2", "mvar"],
         "cifar10": ["raster", "tokenshuffle-s2", "tokenshuffle-s4", "var", "nar", "text-tokenshuffle-s2"]}
 
 
@@ -35,16 +40,29 @@ def tokenizer_layout(exp) -> tuple[int, list[int], torch.nn.Module | None]:
     return int(tok.codebook_size), list(tok.scales), (tok.quantizer if tok.multiscale else None)
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = ""
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"cpu ({model or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def conditions(g, n: int, device: str) -> torch.Tensor:
     labels = torch.arange(n) % 10
-    if hasattr(g.conditioner, "encode"):
+    if g.conditioner.accepts_text:
         from arlab.data.shapes import TEST_START, render
 
         return g.conditioner.encode([render(TEST_START + i).caption for i in range(n)]).to(device)
     return labels.to(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Time every experiment; print the table; return (and with ``--json`` write) the speed file's body."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="shapes", choices=sorted(SETS))
     ap.add_argument("--only", default="", help="comma-separated experiment names (default: the whole set)")
@@ -54,7 +72,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--runs", default="", help="folder of trained runs (e.g. runs/shapes) to add CE / accuracy")
     ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dev = args.device
     names = args.only.split(",") if args.only else SETS[args.set]
     rows = []
@@ -73,7 +91,7 @@ def main() -> None:
         cond = conditions(g, args.batch, dev)
         opts = {"cfg_scale": task["sample_cfg"], "cfg_schedule": task["sample_schedule"]}
         t_sample = timed(lambda g=g, c=cond, o=opts: g.sample(c, **o), dev, args.repeat)
-        row = {"experiment": name, "order": g.order.registry_key.split("/")[1], "s": g.layout.s,
+        row = {"experiment": f"{args.set}/{name}", "order": g.order.registry_key.split("/")[1], "s": g.layout.s,
                "conditioner": g.conditioner.registry_key.split("/")[1], "params": n_params,
                "tokens": g.layout.num_tokens, "sequence": g.prefix_len + g.plan.length - 1,
                "steps_per_image": g.steps_per_image, "train_images_per_s": args.train_batch / t_train,
@@ -98,8 +116,12 @@ def main() -> None:
               f"{r['steps_per_image']} | {ce} | {acc} | {r['train_images_per_s']:.0f} | "
               f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}x | {r['sample_images_per_s']:.1f} | "
               f"{r['sample_images_per_s'] / base['sample_images_per_s']:.2f}x |")
+    body = {"format": "arlab-speed/1", "set": args.set, "device": device_name(dev),
+            "threads": torch.get_num_threads(), "train_batch": args.train_batch, "sample_batch": args.batch,
+            "repeat": args.repeat, "torch": torch.__version__, "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(body, indent=1) + "\n")
+    return body
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
 
 
 def train_step_fn(g: torch.nn.Module, codes: torch.Tensor, cond: torch.Tensor) -> Callable[[], None]:
-    """One generator training step (forward, backward, AdamW) on fixed inputs."""
+    """One generator training step (forward, backward, AdamW) on fixed inputs, through the path the generator
+    task trains with (``return_logits=False``: the chunked head + CE when the model's ``loss_chunk`` > 0)."""
     opt = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
-        out = g(codes, cond)
+        out = g(codes, cond, return_logits=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

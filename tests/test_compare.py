@@ -16,6 +16,7 @@ from arlab.cli import main
 from arlab.compare import build, compare
 from arlab.compare_runs import t_quantile
 from arlab.config import load_experiment
+from arlab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,3 +181,35 @@ def test_the_notebook_runs_on_compare_output(runs, monkeypatch):
         exec(compile("".join(cell["source"]), "compare.ipynb", "exec"), ns)
     assert [g["label"] for g in ns["data"]["groups"]] == ["exp/a", "exp/b"]
     assert ns["figures"] and os.path.isdir(ns["COMPARE"])
+
+
+def test_speed_columns_come_from_one_benchmark_file_matched_by_name_and_parameters(runs):
+    """--speed: exp/a's row matches (name and 100 parameters); exp/b's benchmark model has other parameters than
+    its runs, so it gets no speed and the table says why; a file of another format is refused by name."""
+    write_json(runs / "speed.json", {"format": "arlab-speed/1", "device": "cpu (test)", "threads": 2,
+                                     "train_batch": 64, "sample_batch": 32,
+                                     "rows": [{"experiment": "exp/a", "params": 100, "train_images_per_s": 150.5,
+                                               "sample_images_per_s": 70.25},
+                                              {"experiment": "exp/b", "params": 60, "train_images_per_s": 1.0,
+                                               "sample_images_per_s": 1.0}]})
+    res = compare(["exp/a", "b"], out="o", evals=["main"], speed="speed.json")
+    groups = {g["label"]: g for g in res.data["groups"]}
+    assert groups["exp/a"]["bench"] == {"bench_train_images_per_s": 150.5, "bench_sample_images_per_s": 70.25}
+    assert groups["exp/b"]["bench"] == {}
+    assert res.data["speed"]["unmatched"] == ["exp/b: the benchmark's model has 60 parameters, the runs 50"]
+    header = next(ln for ln in res.markdown.splitlines() if ln.startswith("| model |"))
+    assert "train images/s (bench) | sampling images/s (bench) |" in header
+    row_a = next(ln for ln in res.markdown.splitlines() if ln.startswith("| exp/a | 3"))
+    cells = [c.strip() for c in row_a.strip("|").split("|")]
+    titles = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[titles.index("train images/s (bench)")] == "150.5"
+    assert cells[titles.index("sampling images/s (bench)")] == "70.25"
+    assert cells[titles.index("train images/s")].startswith("301 ± 1 ")  # the runs' own, kept beside it
+    assert "one machine (cpu (test), 2 threads" in res.markdown
+    assert "exp/a,bench_train_images_per_s,1,150.5,,,," in (runs / "o" / "compare.csv").read_text()
+    write_json(runs / "list.json", {"rows": []})
+    with pytest.raises(ConfigError, match="--speed list.json: not a speed file"):
+        build(["exp/a"], speed="list.json")
+    write_json(runs / "short.json", {"format": "arlab-speed/1", "rows": [{"experiment": "exp/a", "params": 1}]})
+    with pytest.raises(ConfigError, match=r"rows\[0\] lacks train_images_per_s, sample_images_per_s"):
+        build(["exp/a"], speed="short.json")
