@@ -13,6 +13,7 @@ from the model at the first training batch (:mod:`arlab.flops`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import warnings
@@ -60,6 +61,28 @@ class Throughput(pl.Callback):
             self.t0, self.samples = time.perf_counter(), 0
 
 
+class FinalCheckpoint(pl.Callback):
+    """Saves ``step-<final>.ckpt`` and ``last.ckpt`` when training ends at a step that is not a multiple of
+    ``checkpoint_every_n_steps``. Lightning's ModelCheckpoint (2.4–2.6) saves ``last.ckpt`` at the end only if it
+    never saved one, so a 1,000-step run checkpointed every 350 steps would otherwise end with ``last.ckpt`` at
+    step 700: ``arlab eval``/``sample`` and a resume would read weights 300 steps older than ``metrics.json``.
+    Each file is written under a temporary name and renamed, so a kill never leaves a partial checkpoint."""
+
+    def __init__(self, dirpath: Path):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        final = self.dirpath / f"step-{step}.ckpt"
+        if trainer.interrupted or step == 0 or final.exists():  # saved by ModelCheckpoint at this step (and last)
+            return
+        for path in (final, self.dirpath / "last.ckpt"):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+
+
 def resume_path(exp: Experiment, run: Path) -> str | None:
     mode = exp.run.resume
     if mode == "never":
@@ -79,7 +102,8 @@ def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | Non
                            every_n_train_steps=t.checkpoint_every_n_steps, auto_insert_metric_name=False,
                            enable_version_counter=False)
     logger = TensorBoardLogger(save_dir=str(run), name="", version="tb", default_hp_metric=False)
-    cbs: list[pl.Callback] = [ckpt, LearningRateMonitor(logging_interval="step"), Throughput()]
+    cbs: list[pl.Callback] = [ckpt, FinalCheckpoint(run / "checkpoints"), LearningRateMonitor(logging_interval="step"),
+                              Throughput()]
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
     return pl.Trainer(default_root_dir=str(run), logger=logger, callbacks=cbs + (callbacks or []),

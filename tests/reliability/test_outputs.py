@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from arlab.config import load_experiment
 from arlab.data import shards as shards_mod
@@ -135,3 +136,18 @@ def test_tokenize_output_is_deterministic(packed, tokenizer, tmp_path):
     tokenize_shards(tokenizer, out, tmp_path / "a", progress=False, batch_size=8)
     tokenize_shards(tokenizer, out, tmp_path / "b", progress=False, batch_size=5)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_a_run_ending_between_checkpoint_steps_saves_its_final_weights(packed, tmp_path):
+    """3 steps, a checkpoint every 2: last.ckpt must hold step 3 (Lightning alone leaves it at step 2), and
+    step-3.ckpt exists for the compute curves; no temporary file is left behind."""
+    _, _, out = packed
+    run = tmp_path / "tok3"
+    fit(load_experiment(tokenizer_experiment(tmp_path, out, run, steps=3)))
+    ck = run / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.suffix == ".ckpt" or p.name.startswith(".")) == [
+        "last.ckpt", "step-2.ckpt", "step-3.ckpt"]
+    load = {p: torch.load(ck / p, map_location="cpu", weights_only=False) for p in ("last.ckpt", "step-3.ckpt")}
+    assert load["last.ckpt"]["global_step"] == load["step-3.ckpt"]["global_step"] == 3
+    assert all(torch.equal(v, load["step-3.ckpt"]["state_dict"][k]) for k, v in load["last.ckpt"]["state_dict"].items())
+    assert torch.load(ck / "step-2.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
