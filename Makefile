@@ -1,6 +1,7 @@
 # arlab: the two commands of the README, and a few helpers.
 #   make quickstart   set up .venv and run the quickstart experiment on the embedded shapes set
 #   make test         set up .venv and run the default (fast) test suite
+#   make shapes-comparison   the docs/generator.md comparison: train, sweep, benchmark, table (hours on a CPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,15 @@ PIP := $(BIN)/python -m pip
 QUICKSTART ?= shapes/quickstart
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup quickstart test test-all lint clean-runs
+# the shapes comparison of docs/generator.md: every experiment x seed, a sampling sweep per run, one speed
+# benchmark, one table. Resumable: finished seeds are skipped, evaluations redraw only missing chunks.
+CMP_EXPERIMENTS ?= raster tokenshuffle-s2 tokenshuffle-s4 nar var text-tokenshuffle-s2 mamba-raster mamba-tokenshuffle-s2 mvar
+CMP_SEEDS ?= 0,1,2
+CMP_N ?= 1000
+CMP_EVAL ?= sweep1k-tk
+CMP_OUT ?= runs/cmp/table
+
+.PHONY: setup quickstart test test-all lint clean-runs shapes-comparison
 
 setup: $(VENV)/.installed
 
@@ -32,6 +41,19 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest
+
+# CFG 2 and 4 for the half-linear schedule; next-scale models use VAR's ramp 1 + w k/(S-1): w = 1, 3 ends at 2, 4
+shapes-comparison: setup
+	set -e; for e in $(CMP_EXPERIMENTS); do \
+	  $(BIN)/arlab train shapes/$$e --seeds $(CMP_SEEDS) run.dir=runs/cmp/$$e; \
+	  case $$e in var|mvar) cfg=1,3;; *) cfg=2,4;; esac; \
+	  for run in runs/cmp/$$e/seed*; do \
+	    $(BIN)/arlab eval $$run --n $(CMP_N) --name $(CMP_EVAL) --cfg $$cfg --temperature 1,0.8 --top-k 0,20 --quiet; \
+	  done; \
+	done
+	$(BIN)/python benchmarks/bench_experiments.py --json $(CMP_OUT).speed.json
+	$(BIN)/arlab compare $(addprefix runs/cmp/,$(CMP_EXPERIMENTS)) --eval $(CMP_EVAL) --speed $(CMP_OUT).speed.json \
+	  --out $(CMP_OUT)
 
 lint: setup
 	$(BIN)/ruff check arlab tests benchmarks
