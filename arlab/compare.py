@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def tb_curve(run: Run) -> tuple[str, dict[int, float]]:
         return "", {}
     if not (run.path / "tb").is_dir():
         return "", {}
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
     ev = EventAccumulator(str(run.path / "tb"), size_guidance={"scalars": 0})
     ev.Reload()
     tags = ev.Tags().get("scalars", [])
