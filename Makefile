@@ -42,11 +42,12 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest
 
-# CFG 2 and 4 for the half-linear schedule; next-scale models use VAR's ramp 1 + w k/(S-1): w = 1, 3 ends at 2, 4
+# CFG 2 and 4 for the half-linear schedule (NAR also 6); next-scale models use VAR's ramp 1 + w k/(S-1): w = 1, 3, 5
+# ends at 2, 4, 6 (the docs' sweep: its best settings are inside these grids)
 shapes-comparison: setup
 	set -e; for e in $(CMP_EXPERIMENTS); do \
 	  $(BIN)/arlab train shapes/$$e --seeds $(CMP_SEEDS) run.dir=runs/cmp/$$e; \
-	  case $$e in var|mvar) cfg=1,3;; *) cfg=2,4;; esac; \
+	  case $$e in var|mvar) cfg=1,3,5;; nar) cfg=2,4,6;; *) cfg=2,4;; esac; \
 	  for run in runs/cmp/$$e/seed*; do \
 	    $(BIN)/arlab eval $$run --n $(CMP_N) --name $(CMP_EVAL) --cfg $$cfg --temperature 1,0.8 --top-k 0,20 --quiet; \
 	  done; \
