@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -76,11 +77,13 @@ class FinalCheckpoint(pl.Callback):
         final = self.dirpath / f"step-{step}.ckpt"
         if trainer.interrupted or step == 0 or final.exists():  # saved by ModelCheckpoint at this step (and last)
             return
-        for path in (final, self.dirpath / "last.ckpt"):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
-            if trainer.is_global_zero:
-                os.replace(tmp, path)
+        tmp = self.dirpath / f".{final.name}.tmp-{os.getpid()}"
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:  # one dump, two names: last.ckpt is a copy of the final step's file
+            last_tmp = self.dirpath / f".last.ckpt.tmp-{os.getpid()}"
+            shutil.copyfile(tmp, last_tmp)
+            os.replace(tmp, final)
+            os.replace(last_tmp, self.dirpath / "last.ckpt")
 
 
 def resume_path(exp: Experiment, run: Path) -> str | None:

@@ -23,7 +23,7 @@ import platform
 from pathlib import Path
 
 import torch
-from common import timed, train_step_fn
+from common import timed, train_step_fn, write_json
 
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     body = {"format": "arlab-speed/1", "set": args.set, "device": device_name(dev),
             "threads": torch.get_num_threads(), "train_batch": args.train_batch, "sample_batch": args.batch,
             "repeat": args.repeat, "torch": torch.__version__, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(body, indent=1) + "\n")
+    write_json(args.json, body)
     return body
 
 

@@ -36,8 +36,8 @@ def train_step_fn(g: torch.nn.Module, codes: torch.Tensor, cond: torch.Tensor) -
     return step
 
 
-def write_json(path: str, rows: list[dict]) -> None:
-    """Write the benchmark rows to ``path`` (nothing when empty)."""
+def write_json(path: str, rows: list[dict] | dict) -> None:
+    """Write the benchmark rows (or a speed file's body) to ``path`` (nothing when ``path`` is empty)."""
     if path:
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
