@@ -11,6 +11,7 @@ import torch
 
 from arlab.backbone.base import ARBITRARY, ATTENTION_STRUCTURES, BLOCK_CAUSAL, CAUSAL, Backbone, check_serves
 from arlab.conditioner.label import ClassConditioner
+from arlab.conditioner.text import TextConditioner
 from arlab.config import build, presets, resolve_node
 from arlab.errors import ConfigError
 from arlab.generator.model import Generator
@@ -142,13 +143,22 @@ def test_decode_state_equals_full_forward(name, structure):
 
 
 ORDERS = [o for o in names("order")]
-GEN_CASES = [(b, o, s) for b in names("backbone") for o in ORDERS for s in (1, 2)]
+# every backbone x order x Token-Shuffle window with a class prefix; AiM's adaLN and a padded text prefix at s = 2
+GEN_CASES = ([(b, o, s, "class") for b in names("backbone") for o in ORDERS for s in (1, 2, 4)]
+             + [(b, o, 2, c) for b in names("backbone") for o in ORDERS for c in ("class-adaln", "text")])
+PATCH = {1: [1, 2, 4, 8], 2: [2, 4, 8], 4: [4, 8]}  # msvq scales per window (each divisible by s)
 
 
-@pytest.mark.parametrize("backbone,order,s", GEN_CASES)
-def test_generator_decoding_with_state_equals_recomputation(backbone, order, s):
-    """Every backbone × order × window: either the backbone serves the order and state decoding gives the
-    recomputation's logits and tokens (with and without CFG), or the generator refuses it by name."""
+def conditioner_of(cond: str, dim: int):
+    if cond == "text":
+        return TextConditioner(TextConditioner.Config(max_bytes=12), dim)
+    return ClassConditioner(ClassConditioner.Config(), dim, 10)
+
+
+@pytest.mark.parametrize("backbone,order,s,cond", GEN_CASES)
+def test_generator_decoding_with_state_equals_recomputation(backbone, order, s, cond):
+    """Every backbone × order × window × conditioning: either the backbone serves the order and state decoding
+    gives the recomputation's logits and tokens (with and without CFG), or the generator refuses it by name."""
     torch.manual_seed(0)
     bb = build("backbone", small_node(backbone))
     o = build("order", order)
@@ -156,27 +166,33 @@ def test_generator_decoding_with_state_equals_recomputation(backbone, order, s):
         check_serves(type(bb), bb.cfg, attention=o.attention, heads=o.heads, order_name=o.registry_key)
     except ConfigError as e:
         with pytest.raises(ConfigError, match=re.escape(str(e))):
-            Generator(bb, o, TokenShuffle(TokenShuffle.Config(s=s), bb.dim),
-                      ClassConditioner(ClassConditioner.Config(), bb.dim, 10), 17, (8, 8))
+            Generator(bb, o, TokenShuffle(TokenShuffle.Config(s=s), bb.dim), conditioner_of(cond, bb.dim), 17,
+                      (8, 8))
         return
+    if cond == "class-adaln":
+        if "adaln" not in type(bb).capabilities(bb.cfg).cond_modes:
+            pytest.skip(f"backbone {backbone} declares no adaLN conditioning")
+        torch.manual_seed(0)
+        bb = build("backbone", {**resolve_node("backbone", small_node(backbone)), "cond_mode": "adaln"})
     scales, quant = (8, 8), None
     if o.multiscale:
-        pn = {1: [1, 2, 4, 8], 2: [2, 4, 8]}[s]
+        pn = PATCH[s]
         quant = MultiScaleVQ(MultiScaleVQ.Config(codebook_size=17, code_dim=8, patch_nums=pn, latent_size=8,
                                                  phi_k=min(4, len(pn))))
         scales = [(p, p) for p in pn]
-    g = Generator(bb, o, TokenShuffle(TokenShuffle.Config(s=s), bb.dim),
-                  ClassConditioner(ClassConditioner.Config(), bb.dim, 10), 17, scales, quantizer=quant).eval()
+    g = Generator(bb, o, TokenShuffle(TokenShuffle.Config(s=s), bb.dim), conditioner_of(cond, bb.dim), 17, scales,
+                  quantizer=quant).eval()
     with torch.no_grad():
         for m in g.modules():
             if isinstance(m, torch.nn.Linear):
                 torch.nn.init.normal_(m.weight, std=0.3)
-    cond = torch.tensor([1, 7])
+    # text: captions of different lengths, so every row's prefix is padded differently
+    cond_b = g.conditioner.encode(["a red ring", "a large blue square!"]) if cond == "text" else torch.tensor([1, 7])
     for cfg in (1.0, 3.0):
         runs = []
         for use_cache in (True, False):
             gen = torch.Generator().manual_seed(5)
-            runs.append(g.sample(cond, cfg_scale=cfg, cfg_schedule="linear", generator=gen, return_logits=True,
+            runs.append(g.sample(cond_b, cfg_scale=cfg, cfg_schedule="linear", generator=gen, return_logits=True,
                                  use_cache=use_cache))
         (codes, logits), (codes_ref, logits_ref) = runs
         assert torch.allclose(logits, logits_ref, atol=1e-5 * float(logits_ref.abs().max()))

@@ -48,6 +48,17 @@ def test_raster_is_row_major_one_token_per_step():
     assert torch.equal(plan.full_mask(1), torch.ones(12, 12, dtype=torch.bool).tril())
 
 
+def test_snake_walks_rows_alternately_through_grid_neighbours():
+    plan = build("order", "snake").plan(Layout([(3, 4)]))
+    assert plan.perm.tolist() == [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11]
+    r, c = plan.perm // 4, plan.perm % 4
+    assert ((r.diff().abs() + c.diff().abs()) == 1).all()  # every step moves to a grid neighbour
+    assert plan.in_cells.tolist() == [-1] + plan.perm[:-1].tolist() and plan.src.tolist() == list(range(-1, 11))
+    assert plan.steps == 12 and plan.mask is None  # causal: SDPA's fast path, any causal scan
+    # a Token-Shuffle layout walks the fused grid: s = 2 on 4x4 tokens is a 2x2 grid of windows
+    assert build("order", "snake").plan(Layout([(4, 4)], s=2)).perm.tolist() == [0, 1, 3, 2]
+
+
 def test_neighbor_walks_anti_diagonals():
     plan = build("order", "neighbor").plan(Layout([(3, 4)]))
     cells = plan.perm.tolist()
