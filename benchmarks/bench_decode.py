@@ -7,6 +7,7 @@ Both backbones get the same width and depth. For each position p the state is fi
 (one prefill), then ``--repeat`` single-position ``step`` calls are timed; the table gives ms per token,
 and the decode-state memory per sequence (Llama: its KV cache for ``--max-len`` positions; Mamba: conv
 and SSM state, the same at every position). Weights are random: speed does not depend on them.
+Last, the decode-state memory per sequence and per layer of the registered Mamba-2 presets (float32).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from common import write_json
 
 from arlab.config import build
+
+PRESETS = ("mamba-shapes", "mamba-s", "mamba-b", "aim-b")  # the registry's Mamba-2 backbones (no attention KV)
 
 
 def per_token_ms(bb, batch: int, pos: int, max_len: int, repeat: int, device: str) -> float:
@@ -42,7 +45,7 @@ def per_token_ms(bb, batch: int, pos: int, max_len: int, repeat: int, device: st
 
 
 @torch.no_grad()
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)
@@ -51,7 +54,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default="")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     positions = [int(p) for p in args.positions.split(",")]
     max_len = max(positions) + args.repeat + 2
     heads = max(1, args.dim // 64)
@@ -72,7 +75,19 @@ def main() -> None:
     for r in rows:
         ms = list(r["ms_per_token"].values())
         print(f"{r['backbone']}: p={positions[-1]} / p={positions[0]} = {ms[-1] / ms[0]:.2f}x")
-    write_json(args.json, rows)
+    presets = []
+    print(f"\n{'mamba preset':<14}{'d':>6}{'layers':>8}{'state/seq':>12}{'per layer':>12}")
+    for name in PRESETS:
+        bb = build("backbone", name)
+        mem = bb.init_state(1, 1, torch.float32, torch.device("cpu")).nbytes
+        depth = len(bb.blocks)
+        presets.append({"preset": name, "dim": bb.dim, "layers": depth, "state_bytes_per_seq": mem,
+                        "state_bytes_per_layer": mem // depth})
+        print(f"{name:<14}{bb.dim:>6}{depth:>8}{mem / 2**10:>8.0f} KiB{mem / depth / 2**10:>8.1f} KiB")
+    body = {"threads": torch.get_num_threads(), "device": args.device, "batch": args.batch, "dim": args.dim,
+            "depth": args.depth, "rows": rows, "presets": presets}
+    write_json(args.json, body)
+    return body
 
 
 if __name__ == "__main__":
