@@ -23,8 +23,10 @@ def test_decode_table_and_state_memory(tmp_path):
     llama, mamba = body["rows"]
     assert [llama["backbone"], mamba["backbone"]] == ["llama (KV cache)", "mamba (state)"]
     assert all(len(r["ms_per_token"]) == 2 and min(r["ms_per_token"].values()) > 0 for r in body["rows"])
-    # the KV cache is sized for max_len = 16 + repeat + 2 positions: 2 (k, v) x depth x max_len x d floats
-    assert llama["state_bytes_per_seq"] == 2 * 2 * 19 * 64 * 4
+    # the KV cache is sized for the sequence, p + repeat + 2 positions: 2 (k, v) x depth x length x d floats;
+    # the Mamba state does not depend on it
+    assert llama["state_bytes_per_seq"] == {4: 2 * 2 * 7 * 64 * 4, 16: 2 * 2 * 19 * 64 * 4}
+    assert len(set(mamba["state_bytes_per_seq"].values())) == 1
     by_name = {p["preset"]: p for p in body["presets"]}
     assert set(by_name) == set(bench_decode.PRESETS)
     for name, p in by_name.items():
