@@ -21,9 +21,12 @@ import time
 import torch
 from common import write_json
 
-from arlab.config import build
+from arlab.config import build, presets, resolve_node
 
-PRESETS = ("mamba-shapes", "mamba-s", "mamba-b", "aim-b")  # the registry's Mamba-2 backbones (no attention KV)
+
+def mamba_presets() -> list[str]:
+    """Every registered backbone preset of type ``mamba`` (pure Mamba-2: no attention KV cache)."""
+    return [p for p in presets("backbone") if resolve_node("backbone", p)["type"] == "mamba"]
 
 
 def per_token_ms(bb, batch: int, pos: int, max_len: int, repeat: int, device: str) -> float:
@@ -80,17 +83,19 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         ms = list(r["ms_per_token"].values())
         print(f"{r['backbone']}: p={positions[-1]} / p={positions[0]} = {ms[-1] / ms[0]:.2f}x")
-    presets = []
+    rows_p = []
     print(f"\n{'mamba preset':<14}{'d':>6}{'layers':>8}{'state/seq':>12}{'per layer':>12}")
-    for name in PRESETS:
+    for name in mamba_presets():
         bb = build("backbone", name)
         mem = bb.init_state(1, 1, torch.float32, torch.device("cpu")).nbytes
         depth = len(bb.blocks)
-        presets.append({"preset": name, "dim": bb.dim, "layers": depth, "state_bytes_per_seq": mem,
-                        "state_bytes_per_layer": mem // depth})
+        mx = bb.blocks[0].mixer
+        rows_p.append({"preset": name, "dim": bb.dim, "layers": depth, "state_bytes_per_seq": mem,
+                       "state_bytes_per_layer": mem // depth, "conv_channels": mx.conv.in_channels,
+                       "d_conv": mx.d_conv, "ssm_heads": mx.heads, "head_dim": mx.head_dim, "d_state": mx.d_state})
         print(f"{name:<14}{bb.dim:>6}{depth:>8}{mem / 2**10:>8.0f} KiB{mem / depth / 2**10:>8.1f} KiB")
     body = {"threads": torch.get_num_threads(), "device": args.device, "batch": args.batch, "dim": args.dim,
-            "depth": args.depth, "rows": rows, "presets": presets}
+            "depth": args.depth, "rows": rows, "presets": rows_p}
     write_json(args.json, body)
     return body
 
