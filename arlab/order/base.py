@@ -45,6 +45,14 @@ class OrderPlan:
     reads: Tensor  # (L, H) int64 input slot read by head h for target t; -1 = none
     src: Tensor | None = None  # (L,) target slot whose token input j embeds (-1 at j = 0); None: continuous
 
+    @classmethod
+    def walk(cls, perm: Tensor) -> OrderPlan:
+        """One cell per decoding step in the order of ``perm`` (L,) (raster, snake): causal mask, one head; input
+        j is the token of target slot j − 1."""
+        L = int(perm.shape[0])
+        return cls(perm=perm, step_sizes=[1] * L, in_cells=torch.cat([perm.new_tensor([-1]), perm[:-1]]),
+                   in_step=torch.arange(L), reads=torch.arange(L)[:, None], src=torch.arange(-1, L - 1))
+
     @property
     def length(self) -> int:
         return int(self.perm.shape[0])

@@ -23,7 +23,4 @@ class Raster(Order):
         self.cfg = cfg or Raster.Config()
 
     def make_plan(self, layout) -> OrderPlan:
-        L = layout.num_cells
-        src = torch.arange(-1, L - 1)  # input j is the token of target slot j - 1
-        return OrderPlan(perm=torch.arange(L), step_sizes=[1] * L, in_cells=src.clone(), in_step=torch.arange(L),
-                         reads=torch.arange(L)[:, None], src=src)
+        return OrderPlan.walk(torch.arange(layout.num_cells))

@@ -36,8 +36,4 @@ class Snake(Order):
         h, w = layout.fused[0]  # one grid (check_layout)
         grid_hw = torch.arange(h * w).view(h, w)
         grid_hw[1::2] = grid_hw[1::2].flip(1)
-        perm = grid_hw.reshape(-1)
-        L = h * w
-        in_cells = torch.cat([torch.tensor([-1]), perm[:-1]])
-        return OrderPlan(perm=perm, step_sizes=[1] * L, in_cells=in_cells, in_step=torch.arange(L),
-                         reads=torch.arange(L)[:, None], src=torch.arange(-1, L - 1))
+        return OrderPlan.walk(grid_hw.reshape(-1))
