@@ -99,7 +99,7 @@ class TrainerConfig:
     devices: Any = "auto"  # number of devices or 'auto'
     num_nodes: int = 1
     strategy: str = "auto"  # auto, ddp, ddp_spawn, ...
-    precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed
+    precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed; auto-bf16: bf16-mixed where native, else 32-true
     log_every_n_steps: int = 25
     val_check_interval: Any = 1.0  # fraction of an epoch (float) or every N steps (int)
     limit_val_batches: Any = 1.0
@@ -111,11 +111,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"):
-            raise ConfigError(
-                f"trainer.precision {self.precision!r} is not one of 32-true, bf16-mixed, 16-mixed, "
-                "bf16-true, 64-true"
-            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"trainer.max_steps must be positive or -1, got {self.max_steps}")
         if self.max_epochs < -1:
@@ -132,7 +129,44 @@ class TrainerConfig:
     def lightning_kwargs(self) -> dict[str, Any]:
         kw = dataclasses.asdict(self)
         kw.pop("checkpoint_every_n_steps")
+        kw["precision"] = resolve_precision(self.precision, self.accelerator)
         return kw
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true", "auto-bf16")
+
+
+def cpu_bf16_flags() -> dict[str, bool]:
+    """What this CPU offers for bfloat16: ``onednn`` (oneDNN runs bf16 kernels at its effective ISA, which
+    ``ONEDNN_MAX_CPU_ISA`` can lower), ``avx512_bf16`` and ``amx`` (native bf16 instructions)."""
+    import torch  # here: reading configs does not need torch
+
+    def flag(fn: Any) -> bool:
+        return bool(fn()) if fn is not None else False
+
+    return {"onednn": flag(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)),
+            "avx512_bf16": flag(getattr(torch.cpu, "_is_avx512_bf16_supported", None)),
+            "amx": flag(getattr(torch.cpu, "_is_amx_tile_supported", None))}
+
+
+def native_bf16(accelerator: str = "auto") -> bool:
+    """Whether the device training runs on computes bfloat16 natively: a CUDA GPU with bf16 support, or a CPU
+    whose oneDNN has bf16 kernels and which has AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated: the
+    quickstart's tokenizer step took 5.2 s in bf16 against 0.40 s in float32 with oneDNN held to AVX2
+    (``ONEDNN_MAX_CPU_ISA=AVX2``), and 0.14 s against 0.25 s with AMX (docs/performance.md section 0)."""
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    f = cpu_bf16_flags()
+    return f["onednn"] and (f["avx512_bf16"] or f["amx"])
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``auto-bf16`` → ``bf16-mixed`` where :func:`native_bf16`, else ``32-true``; other values unchanged."""
+    if precision != "auto-bf16":
+        return precision
+    return "bf16-mixed" if native_bf16(accelerator) else "32-true"
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "trainer": TrainerConfig}

@@ -107,10 +107,13 @@ def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | Non
     logger = TensorBoardLogger(save_dir=str(run), name="", version="tb", default_hp_metric=False)
     cbs: list[pl.Callback] = [ckpt, FinalCheckpoint(run / "checkpoints"), LearningRateMonitor(logging_interval="step"),
                               Throughput()]
+    kwargs = t.lightning_kwargs()
+    if t.precision != kwargs["precision"]:
+        log.info("trainer.precision %s: %s on this machine", t.precision, kwargs["precision"])
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
     return pl.Trainer(default_root_dir=str(run), logger=logger, callbacks=cbs + (callbacks or []),
-                      use_distributed_sampler=False, enable_model_summary=True, **t.lightning_kwargs())
+                      use_distributed_sampler=False, enable_model_summary=True, **kwargs)
 
 
 def train_upstream(up: Upstream, exp: Experiment) -> None:

@@ -41,3 +41,11 @@ def write_json(path: str, rows: list[dict] | dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """Print ``title`` and a Markdown table."""
+    print(title)
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")

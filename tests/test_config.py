@@ -293,3 +293,39 @@ def test_every_repo_preset_validates(kind, name):
 def test_every_repo_experiment_validates(name):
     exp = C.load_experiment(name)
     assert exp.name == name
+
+
+@pytest.mark.parametrize("cuda, bf16_gpu, cpu_bf16, cpu_amx, accelerator, expected", [
+    (False, False, True, False, "auto", "bf16-mixed"),  # AVX512-BF16 CPU
+    (False, False, False, True, "cpu", "bf16-mixed"),  # AMX CPU
+    (False, False, False, False, "auto", "32-true"),  # AVX2-only CPU: bf16 would be emulated
+    (True, True, False, False, "auto", "bf16-mixed"),  # Ampere+ GPU
+    (True, False, True, True, "gpu", "32-true"),  # a GPU without bf16, whatever the CPU has
+    (True, True, False, False, "cpu", "32-true"),  # trained on the CPU of a GPU machine: the CPU decides
+])
+def test_auto_bf16_picks_bf16_only_where_the_device_computes_it_natively(
+        monkeypatch, cuda, bf16_gpu, cpu_bf16, cpu_amx, accelerator, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    monkeypatch.setattr(C, "cpu_bf16_flags", lambda: {"onednn": True, "avx512_bf16": cpu_bf16, "amx": cpu_amx})
+    t = C.TrainerConfig(precision="auto-bf16", accelerator=accelerator)
+    assert t.lightning_kwargs()["precision"] == expected
+    assert C.TrainerConfig(precision="bf16-mixed").lightning_kwargs()["precision"] == "bf16-mixed"  # explicit: kept
+
+
+def test_auto_bf16_follows_onednn_held_to_avx2(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AMX CPU: oneDNN has no bf16 kernels, so float32 (bf16 was 13x slower)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(C, "cpu_bf16_flags", lambda: {"onednn": False, "avx512_bf16": True, "amx": True})
+    assert C.resolve_precision("auto-bf16") == "32-true"
+
+
+def test_cpu_bf16_flags_reads_this_machine():
+    flags = C.cpu_bf16_flags()
+    assert set(flags) == {"onednn", "avx512_bf16", "amx"} and all(isinstance(v, bool) for v in flags.values())
+    assert C.resolve_precision("auto-bf16", "cpu") == ("bf16-mixed" if flags["onednn"] and (
+        flags["avx512_bf16"] or flags["amx"]) else "32-true")
