@@ -127,7 +127,8 @@ class TokenizerModule(Task):
         if self.disc is not None:
             groups.append({"params": list(self.disc.parameters()), "lr": c.lr * c.disc_lr_ratio})
         cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        params = [p for g in groups for p in g["params"]]
+        opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=self.fused_optimizer(params) or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, self._total_steps(),
                                                                      c.lr_schedule, c.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -183,8 +184,7 @@ class TokenizerModule(Task):
             logs["train/d_loss"] = d_loss.detach()
             logs["train/logits_real"] = real.detach().mean()
             logs["train/logits_fake"] = fake.detach().mean()
-        if c.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=c.grad_clip, gradient_clip_algorithm="norm")
+        self.clip_grad_norm(opt, c.grad_clip)
         opt.step()
         sched.step()
 

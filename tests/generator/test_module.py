@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from arlab.config import load_experiment
@@ -213,3 +214,31 @@ def test_baseline_experiments_train_reload_and_sample(chain, kind, tmp_path):
         torch.save(ck, tmp_path / "other.ckpt")
         with pytest.raises(ConfigError, match="is not the one .* was trained with: its quantizer differs"):
             load_generator(tmp_path / "other.ckpt")
+
+
+def test_bf16_training_with_the_fused_optimizer_clips_the_gradients(chain, tmp_path, monkeypatch):
+    """The GPU configuration's optimizer path on a CPU: bf16-mixed autocast, fused AdamW and gradient clipping
+    (Lightning's own clip_gradients refuses fused optimizers under mixed precision; arlab clips them itself).
+    Every step clips to task.grad_clip: the clipped norm is at most the bound."""
+    tmp, ckpt, tok_exp, _, _ = chain
+    body = generator_body(tmp, ckpt, tok_exp, "bf16", steps=4)
+    body["trainer"]["precision"] = "bf16-mixed"
+    body["task"]["grad_clip"] = 0.05  # small enough that every step clips
+    body["task"]["eval_samples"] = 0
+    body["run"]["dir"] = str(tmp_path / "bf16")
+    norms: list[tuple[float, float]] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = original(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    with pinned_threads():
+        metrics = fit(load_experiment(write(tmp_path / "bf16.yaml", body)))
+    assert np.isfinite(metrics["train/loss"])
+    assert len(norms) == 4, norms  # once per step
+    assert all(before > 0.05 and after <= 0.05 * 1.001 for before, after in norms), norms
