@@ -27,6 +27,7 @@ import torch
 
 from arlab.config import build
 from arlab.generator.build import build_generator
+from arlab.task.base import fused_ok
 
 PEER = {  # peer-speed.md: params, tokens, train img/s (b64), MFU, sample 64 imgs with CFG (s), 1 img (s)
     "GPT-B": dict(params=111e6, tokens=256, train=819, mfu=0.14, sample64=2.79, sample1=2.91),
@@ -104,7 +105,8 @@ def measure(name: str, spec: tuple, args: argparse.Namespace) -> dict[str, Any]:
     codes = torch.randint(0, tok.codebook_size, (b, g.layout.num_tokens), device=dev)
     labels = torch.arange(b, device=dev) % 1000
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    opt = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4, fused=cuda or None)
+    params = [p for p in g.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused_ok(params) or None)
     g.train()
     g.static_mask()
     fwd = functools.partial(g.forward, return_logits=False)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from arlab.task.base import fused_ok
+
 
 def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
     """Mean seconds per call of ``fn`` after one warm-up call (CUDA synchronised)."""
@@ -24,8 +26,10 @@ def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
 
 def train_step_fn(g: torch.nn.Module, codes: torch.Tensor, cond: torch.Tensor) -> Callable[[], None]:
     """One generator training step (forward, backward, AdamW) on fixed inputs, through the path the generator
-    task trains with (``return_logits=False``: the chunked head + CE when the model's ``loss_chunk`` > 0)."""
-    opt = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4)
+    task trains with (fused AdamW where the task fuses it; ``return_logits=False``: the chunked head + CE when
+    the model's ``loss_chunk`` > 0)."""
+    params = [p for p in g.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused_ok(params) or None)  # the kernel the task uses
 
     def step() -> None:
         out = g(codes, cond, return_logits=False)

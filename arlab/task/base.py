@@ -95,7 +95,7 @@ class Task(pl.LightningModule):
         """:func:`fused_ok`, except under ``16-mixed``: its GradScaler would leave the gradients scaled when they
         are clipped (a fused kernel unscales inside its step)."""
         trainer = self._trainer
-        return fused_ok(params) and getattr(trainer, "precision", None) != "16-mixed"
+        return fused_ok(params) and not (trainer is not None and trainer.precision == "16-mixed")
 
     def clip_grad_norm(self, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
         """Clip the gradients of ``optimizer``'s parameters to total norm ``max_norm`` (0: no clipping). Under bf16
@@ -104,7 +104,7 @@ class Task(pl.LightningModule):
         clips."""
         if not max_norm or max_norm <= 0:
             return
-        plugin = getattr(self._trainer, "precision_plugin", None)
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None:  # bf16 autocast, one device or DDP
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, max_norm)

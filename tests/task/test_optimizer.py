@@ -54,7 +54,7 @@ def test_the_tasks_build_fused_optimizers_on_cpu(tmp_path):
     exp = load_experiment(write_exp(tmp_path, "opt", tiny_exp(tmp_path, {"preset": "shapes-fsq",
                                                                            "autoencoder": "tiny"}, 5, "opt")))
     module = TokenizerModule(exp.config("task"), experiment=exp.tree)
-    module._trainer = SimpleNamespace(max_steps=5)
+    module._trainer = SimpleNamespace(max_steps=5, precision="32-true")
     opt = module.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
     from arlab.task.base import Task
