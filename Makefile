@@ -9,12 +9,15 @@ PIP := $(BIN)/python -m pip
 QUICKSTART ?= shapes/quickstart
 PYTEST_ARGS ?= -m "not slow"
 
-# the shapes comparison of docs/generator.md: every experiment x seed, a sampling sweep per run, one speed
-# benchmark, one table. Resumable: finished seeds are skipped, evaluations redraw only missing chunks.
+# the shapes comparison of docs/generator.md: every experiment x seed, a sampling sweep per run, 10,000 samples at
+# each run's best-FID setting of its sweep, one speed benchmark, two tables. Resumable: finished seeds are skipped,
+# evaluations redraw only missing chunks.
 CMP_EXPERIMENTS ?= raster tokenshuffle-s2 tokenshuffle-s4 nar var text-tokenshuffle-s2 mamba-raster mamba-tokenshuffle-s2 mvar
 CMP_SEEDS ?= 0,1,2
 CMP_N ?= 1000
 CMP_EVAL ?= sweep1k-tk
+CMP_BEST ?= best10k
+CMP_BEST_N ?= 10000
 CMP_OUT ?= runs/cmp/table
 
 .PHONY: setup quickstart test test-all lint clean-runs shapes-comparison
@@ -50,11 +53,13 @@ shapes-comparison: setup
 	  case $$e in var|mvar) cfg=1,3,5;; nar) cfg=2,4,6;; *) cfg=2,4;; esac; \
 	  for run in runs/cmp/$$e/seed*; do \
 	    $(BIN)/arlab eval $$run --n $(CMP_N) --name $(CMP_EVAL) --cfg $$cfg --temperature 1,0.8 --top-k 0,20 --quiet; \
+	    $(BIN)/arlab eval $$run --n $(CMP_BEST_N) --name $(CMP_BEST) --best-of $(CMP_EVAL) --quiet; \
 	  done; \
 	done
 	$(BIN)/python benchmarks/bench_experiments.py --json $(CMP_OUT).speed.json
 	$(BIN)/arlab compare $(addprefix runs/cmp/,$(CMP_EXPERIMENTS)) --eval $(CMP_EVAL) --speed $(CMP_OUT).speed.json \
 	  --out $(CMP_OUT)
+	$(BIN)/arlab compare $(addprefix runs/cmp/,$(CMP_EXPERIMENTS)) --eval $(CMP_BEST) --out $(CMP_OUT)-$(CMP_BEST)
 
 lint: setup
 	$(BIN)/ruff check arlab tests benchmarks

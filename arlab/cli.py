@@ -537,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--top-p", type=comma_list(float_in(0.0, 1.0, lo_open=True), "1.0,0.95"), default=None,
                        help="nucleus masses in (0, 1] (default 1)")
     sweep.add_argument("--no-cache", action="store_true", help="recompute the full sequence each step (reference)")
+    sweep.add_argument("--best-of", default=None, metavar="NAME[:METRIC]",
+                       help="draw at the best setting of the run's eval/NAME.json for METRIC (default: its FID), "
+                            "e.g. --n 10000 --best-of sweep1k")
     other = p.add_argument_group("tokenizer runs and image sets")
     other.add_argument("--split", default=None, help="tokenizer: split reconstructed (default: the data's val split)")
     other.add_argument("--features", default=None,

@@ -31,6 +31,31 @@ def resolve_target(target: str) -> tuple[Path, Path]:
     return p, run_of_checkpoint(p)
 
 
+def best_setting(run: Path, spec: str) -> dict[str, list[Any]]:
+    """The sweep options that redraw the best setting of an earlier report: ``spec`` is ``NAME`` or
+    ``NAME:METRIC`` for ``<run>/eval/NAME.json``; METRIC defaults to the report's first FID metric."""
+    name, _, metric = spec.partition(":")
+    path = run / "eval" / f"{name}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in (run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
+        raise ConfigError(f"--best-of {spec}: no report {path} (reports of this run: {', '.join(have) or 'none'})")
+    best = json.loads(path.read_text()).get("best") or {}
+    if not metric:
+        fids = [m for m in best if m.startswith("fid")]
+        if not fids:
+            raise ConfigError(f"--best-of {spec}: {path} has no FID metric; name one: "
+                              f"--best-of {name}:METRIC with METRIC in {', '.join(best) or 'none'}")
+        metric = fids[0]
+    if metric not in best:
+        raise ConfigError(f"--best-of {spec}: {path} has no best setting for '{metric}' "
+                          f"(metrics: {', '.join(best) or 'none'})")
+    s = best[metric]["setting"]
+    if s.get("cfg") is None:
+        raise ConfigError(f"--best-of {spec}: {path} is not a sampling sweep (no CFG setting)")
+    return {"cfgs": [float(s["cfg"])], "schedules": [str(s["schedule"])], "temperatures": [float(s["temperature"])],
+            "top_ks": [int(s["top_k"])], "top_ps": [float(s.get("top_p", 1.0))]}
+
+
 def checkpoint_kind(ckpt: Path) -> tuple[str, int]:
     """(task type, global step) of a generator or tokenizer checkpoint, read without loading its tensors."""
     c, hp = read_task_checkpoint(ckpt, TASKS, mmap=True)
@@ -108,6 +133,11 @@ def command(args: Any) -> int:
         if args.out or args.n_ref:
             raise ConfigError(f"{'--out' if args.out else '--n-ref'} applies to --images/--reference; a run's report "
                               "goes to <run>/eval/<name>.json")
+        if getattr(args, "best_of", None):
+            given = [SWEEP_OPTIONS[k] for k, v in sweep_opts.items() if v]
+            if given:
+                raise ConfigError(f"--best-of draws one setting of an earlier report; drop {given[0]}")
+            sweep_opts = best_setting(resolve_target(args.target)[1], args.best_of)
         report, path = evaluate_target(args.target, name=args.name, n=args.n, metrics=args.metrics,
                                        sweep_opts=sweep_opts, seed=args.seed, batch_size=args.batch_size,
                                        chunk=args.chunk, device=args.device, split=args.split,

@@ -149,9 +149,14 @@ def arlab(capsys, *args: str) -> tuple[int, str, str]:
     (["--images", "a.npz", "--reference", "b.npz", "--cfg", "2"], "--cfg applies to runs"),
     ([], "nothing to evaluate"),
     (["nowhere"], "'nowhere' does not exist"),
+    (["RUN", "--best-of", "nosuch"], "--best-of nosuch: no report"),
+    (["RUN", "--best-of", "bestof-src"], "has no FID metric; name one"),
+    (["RUN", "--best-of", "bestof-src:recall"], "has no best setting for 'recall' (metrics: class_acc)"),
+    (["RUN", "--best-of", "bestof-src:class_acc", "--cfg", "2"], "drop --cfg"),
 ])
 def test_bad_options_give_one_line_errors(tiny_runs, capsys, args, message):
     run, tok = tiny_runs
+    write_best_report(run)
     args = [str(run) if a == "RUN" else str(tok) if a == "TOK" else a for a in args]
     rc, _, err = arlab(capsys, "eval", *args, "--quiet")
     assert rc == 2, err
@@ -183,3 +188,22 @@ def test_every_eval_suite_names_existing_metrics_and_features():
         resolve_node("features", body["features"], source=str(path))
         assert suite_for(f"{body['datasets'][0]}-32px")["name"] == name
     assert suite_for("imagenet") is None
+
+
+def write_best_report(run: Path) -> dict:
+    """A sweep report whose class_acc is best at a setting no default would pick (cfg 3, top-k 5, T 0.7)."""
+    best = {"cfg": 3.0, "schedule": "constant", "temperature": 0.7, "top_k": 5, "top_p": 1.0}
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "bestof-src.json").write_text(json.dumps({"best": {"class_acc": {"value": 0.9, "setting": best}}}))
+    return best
+
+
+def test_best_of_redraws_the_best_setting_of_an_earlier_report(tiny_runs, capsys):
+    """``--best-of NAME:METRIC`` draws exactly the setting the earlier report ranked best for METRIC."""
+    run, _ = tiny_runs
+    best = write_best_report(run)
+    rc, out, err = arlab(capsys, "eval", str(run), "--n", "4", "--chunk", "4", "--batch-size", "4", "--name",
+                         "bestof", "--best-of", "bestof-src:class_acc", "--metrics", "shapes_checker", "--quiet")
+    assert rc == 0, err
+    saved = json.loads((run / "eval" / "bestof.json").read_text())
+    assert [s["setting"] for s in saved["settings"]] == [best]
