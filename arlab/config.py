@@ -152,8 +152,9 @@ def cpu_bf16_flags() -> dict[str, bool]:
 def native_bf16(accelerator: str = "auto") -> bool:
     """Whether the device training runs on computes bfloat16 natively: a CUDA GPU with bf16 support, or a CPU
     whose oneDNN has bf16 kernels and which has AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated: the
-    quickstart's tokenizer step took 5.2 s in bf16 against 0.40 s in float32 with oneDNN held to AVX2
-    (``ONEDNN_MAX_CPU_ISA=AVX2``), and 0.14 s against 0.25 s with AMX (docs/performance.md section 0)."""
+    quickstart's tokenizer step took 5.0 s in bf16 against 0.37 s in float32 with oneDNN held to AVX2
+    (``ONEDNN_MAX_CPU_ISA=AVX2``), and 0.15 s against 0.25 s with AMX (benchmarks/bench_precision.py,
+    docs/results/precision-*.json)."""
     import torch
 
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():

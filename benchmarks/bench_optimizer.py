@@ -12,11 +12,10 @@ the same process.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from bench_experiments import tokenizer_layout
-from common import print_table, write_json
+from common import print_table, timed, write_json
 
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
@@ -55,10 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         opt = cls(groups, lr=1e-4, **kw)
         for _ in range(args.warmup):
             opt.step()
-        t0 = time.perf_counter()
-        for _ in range(args.repeat):
-            opt.step()
-        rows.append({"kernel": kernel, "ms_per_step": (time.perf_counter() - t0) / args.repeat * 1e3})
+        rows.append({"kernel": kernel, "ms_per_step": timed(opt.step, "cpu", args.repeat) * 1e3})
     base = rows[0]["ms_per_step"]
     for r in rows:
         r["speedup"] = base / r["ms_per_step"]

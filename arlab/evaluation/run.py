@@ -133,7 +133,7 @@ def command(args: Any) -> int:
         if args.out or args.n_ref:
             raise ConfigError(f"{'--out' if args.out else '--n-ref'} applies to --images/--reference; a run's report "
                               "goes to <run>/eval/<name>.json")
-        if getattr(args, "best_of", None):
+        if args.best_of:
             given = [SWEEP_OPTIONS[k] for k, v in sweep_opts.items() if v]
             if given:
                 raise ConfigError(f"--best-of draws one setting of an earlier report; drop {given[0]}")

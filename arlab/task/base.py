@@ -102,7 +102,7 @@ class Task(pl.LightningModule):
         autocast (no GradScaler: the gradients are the true ones) they are clipped here, because Lightning's
         ``clip_gradients`` refuses fused optimizers under any mixed precision, bf16 included; elsewhere Lightning
         clips."""
-        if not max_norm or max_norm <= 0:
+        if max_norm <= 0:
             return
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         if isinstance(plugin, MixedPrecision) and plugin.scaler is None:  # bf16 autocast, one device or DDP
