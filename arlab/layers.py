@@ -1,4 +1,4 @@
-"""Layers shared by components (norms, residual MLPs) and the weight-decay declaration.
+"""Layers shared by components (attention, norms, residual MLPs) and the weight-decay declaration.
 
 Weight decay: a parameter that must not be decayed says so itself with :func:`no_weight_decay`
 (position and level embeddings, a Mamba's ``A_log``/``D``/``dt`` bias); :func:`decay_groups` puts every
@@ -9,9 +9,32 @@ play no part, so a new component's embeddings are exempt when, and only when, it
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _NO_DECAY = "_arlab_no_weight_decay"
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def attention(q_bhld: Tensor, k_bhsd: Tensor, v_bhsd: Tensor, mask: Tensor | None = None,
+              causal: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (B, H, L, D) × (B, H, S, D) → (B, H, L, D), ``mask`` (L, S) or
+    broadcastable, True = may attend.
+
+    On CPU, bf16/fp16 inputs (bf16 autocast) are attended in float32 and the output is cast back: torch
+    2.14's CPU flash-attention kernel is several times slower forward + backward in bf16 than in float32 at
+    arlab's shapes (the shapes generator's (64, 4, 17, 48) causal call: 18.4 ms against 3.1 ms with the casts),
+    enough to make a bf16 generator step slower than float32 (``benchmarks/bench_precision.py
+    shapes/quickstart``: 0.206 s bf16 with bf16 attention, 0.170 s float32, 0.138 s bf16 with this). Autocast
+    is off inside, or it would cast the inputs back to bf16. GPUs are unchanged.
+    """
+    if q_bhld.device.type == "cpu" and q_bhld.dtype in _HALF:
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q_bhld.float(), k_bhsd.float(), v_bhsd.float(),
+                                                 attn_mask=mask.float() if mask is not None and mask.dtype in _HALF
+                                                 else mask, is_causal=causal)
+        return out.to(q_bhld.dtype)
+    return F.scaled_dot_product_attention(q_bhld, k_bhsd, v_bhsd, attn_mask=mask, is_causal=causal)
 
 
 def no_weight_decay(param: nn.Parameter) -> nn.Parameter:

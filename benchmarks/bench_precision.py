@@ -8,18 +8,35 @@ autocast, in one process: what ``trainer.precision: auto-bf16`` decides between.
 The model is built from the experiment's YAML with random weights; the batch is random (images in [-1, 1] for
 a tokenizer, random codes and labels for a generator) at the experiment's ``data.batch_size``. The table also
 prints the bf16 flags :func:`arlab.config.cpu_bf16_flags` reads and what ``auto-bf16`` resolves to here.
+
+Rows: float32; bf16 autocast as arlab runs it (attention in float32 on CPU, :func:`arlab.layers.attention`); and
+bf16 autocast with attention in bf16 too (what autocast alone does: torch's CPU flash-attention kernel in bf16,
+the path before arlab routed it through float32).
 """
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 import torch
 from bench_experiments import tokenizer_layout
 from common import print_table, timed, write_json
 
+import arlab.layers
 from arlab.config import cpu_bf16_flags, load_experiment, resolve_precision
 from arlab.generator.build import build_generator
+
+
+@contextmanager
+def half_attention(on: bool):
+    """``on``: attention takes bf16 inputs straight to SDPA (autocast alone), not through float32."""
+    saved = arlab.layers._HALF
+    arlab.layers._HALF = () if on else saved
+    try:
+        yield
+    finally:
+        arlab.layers._HALF = saved
 
 
 def step_fn(name: str, batch: int | None):
@@ -62,8 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     make, b = step_fn(args.experiment, args.batch)
-    rows = [{"precision": name, "s_per_step": timed(make(bf16), "cpu", args.repeat)}
-            for name, bf16 in (("float32", False), ("bf16 autocast", True))]
+    rows = []
+    for name, bf16, half in (("float32", False, False), ("bf16 autocast", True, False),
+                             ("bf16 autocast, bf16 attention", True, True)):
+        with half_attention(half):
+            rows.append({"precision": name, "s_per_step": timed(make(bf16), "cpu", args.repeat)})
     flags = cpu_bf16_flags()
     body = {"experiment": args.experiment, "batch": b, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "flags": flags,

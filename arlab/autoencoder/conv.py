@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from arlab.errors import ConfigError
+from arlab.layers import attention
 from arlab.registry import register
 
 _VALID_FACTORS = (2, 4, 8, 16)
@@ -73,7 +74,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) → (B, 1 head, H·W, C)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(n), self.k(n), self.v(n)))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H·W, C)
+        out = attention(q, k, v)  # (B, 1, H·W, C); F.scaled_dot_product_attention, float32 on CPU
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 

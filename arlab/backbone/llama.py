@@ -36,7 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from arlab.backbone.base import ARBITRARY, BLOCK_CAUSAL, CAUSAL, Backbone, Capabilities, DecodeState
 from arlab.errors import ConfigError
-from arlab.layers import RMSNorm, find_multiple
+from arlab.layers import RMSNorm, attention, find_multiple
 from arlab.registry import register
 
 
@@ -163,7 +163,7 @@ class Attention(nn.Module):
             else:
                 out = flex(q, k, v, mask.block)
         if not isinstance(mask, FlexMask):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            out = attention(q, k, v, mask, causal)  # F.scaled_dot_product_attention (float32 on CPU)
         return self.resid_drop(self.wo(rearrange(out, "b h l d -> b l (h d)")))
 
 
