@@ -19,7 +19,7 @@ _HALF = (torch.bfloat16, torch.float16)
 def attention(q_bhld: Tensor, k_bhsd: Tensor, v_bhsd: Tensor, mask: Tensor | None = None,
               causal: bool = False) -> Tensor:
     """``F.scaled_dot_product_attention`` (B, H, L, D) × (B, H, S, D) → (B, H, L, D), ``mask`` (L, S) or
-    broadcastable, True = may attend.
+    broadcastable: boolean (True = may attend) or float (added to the scores), as in SDPA.
 
     On CPU, bf16/fp16 inputs (bf16 autocast) are attended in float32 and the output is cast back: torch
     2.14's CPU flash-attention kernel is several times slower forward + backward in bf16 than in float32 at

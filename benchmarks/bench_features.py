@@ -41,7 +41,7 @@ def time_network(name: str | dict, n: int, batch: int, image_size: int = 32) -> 
     assert feats.shape == (n, net.dim), feats.shape
     return {"features": name, "identity": net.identity(), "dim": net.dim, "n": n, "batch": batch,
             "threads": torch.get_num_threads(), "seconds": round(dt, 3), "images_per_s": round(n / dt, 2),
-            "s_per_1000": round(1000 * dt / n, 1)}
+            "s_per_1000": round(1000 * dt / n, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,8 +10,9 @@ a tokenizer, random codes and labels for a generator) at the experiment's ``data
 prints the bf16 flags :func:`arlab.config.cpu_bf16_flags` reads and what ``auto-bf16`` resolves to here.
 
 Rows: float32; bf16 autocast as arlab runs it (attention in float32 on CPU, :func:`arlab.layers.attention`); and
-bf16 autocast with attention in bf16 too (what autocast alone does: torch's CPU flash-attention kernel in bf16,
-the path before arlab routed it through float32).
+bf16 autocast with attention in bf16 too (what autocast alone does, the path before arlab routed it through
+float32). For contiguous q/k/v, as in the generator, torch then runs its CPU flash-attention kernel in bf16. For the
+tokenizer's transposed views it already gave the float32 values, so there the two bf16 rows time the same work.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         # (B, C, H, W) → (B, 1 head, H·W, C)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(n), self.k(n), self.v(n)))
-        out = attention(q, k, v)  # (B, 1, H·W, C); F.scaled_dot_product_attention, float32 on CPU
+        out = attention(q, k, v)  # (B, 1, H·W, C); SDPA, float32 for bf16/fp16 inputs on CPU
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 

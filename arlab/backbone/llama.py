@@ -163,7 +163,7 @@ class Attention(nn.Module):
             else:
                 out = flex(q, k, v, mask.block)
         if not isinstance(mask, FlexMask):
-            out = attention(q, k, v, mask, causal)  # F.scaled_dot_product_attention (float32 on CPU)
+            out = attention(q, k, v, mask, causal)  # SDPA; float32 for bf16/fp16 inputs on CPU
         return self.resid_drop(self.wo(rearrange(out, "b h l d -> b l (h d)")))
 
 
