@@ -27,14 +27,12 @@ from arlab.errors import ConfigError
 def time_network(name: str | dict, n: int, batch: int, image_size: int = 32) -> dict:
     """Seconds per 1,000 images of feature network ``name`` (a preset or a config node), or the reason it
     cannot run."""
+    images = np.random.default_rng(0).integers(0, 256, (n + batch, image_size, image_size, 3), dtype=np.uint8)
     try:
         net = build("features", name, where="bench_features")
-        net.features_and_logits(np.zeros((1, image_size, image_size, 3), np.uint8), remember=False)  # load
+        net.features_and_logits(images[:batch], batch, remember=False)  # loads the weights; the warm-up batch
     except (ConfigError, FileNotFoundError) as e:
         return {"features": name, "skipped": str(e).splitlines()[0]}
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n + batch, image_size, image_size, 3), dtype=np.uint8)
-    net.features_and_logits(images[:batch], batch, remember=False)  # warm-up batch
     t0 = time.perf_counter()
     feats = net.features_and_logits(images[batch:], batch, remember=False)[0]
     dt = time.perf_counter() - t0
