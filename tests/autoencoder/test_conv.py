@@ -201,3 +201,59 @@ def test_tiny_autoencoder_overfits_a_fixed_batch():
     with torch.no_grad():
         last = F.mse_loss(ae(x), x).item()
     assert last * 5 <= first, f"MSE {first:.4f} → {last:.4f} after {len(losses)} steps"
+
+
+class _ConvInputs:
+    """Records the memory format of every Conv2d input (forward hooks)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.nhwc: list[bool] = []
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in module.modules()
+                        if isinstance(m, torch.nn.Conv2d)]
+
+    def _hook(self, _module, args):
+        x = args[0]
+        self.nhwc.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+@pytest.mark.parametrize("path", SMALL, ids=lambda p: p.stem)
+def test_memory_formats_give_the_same_results_and_gradients(path):
+    """NHWC and NCHW convolutions compute the same function: outputs, latents and every gradient agree to float
+    rounding, and encode / decode hand back NCHW tensors either way."""
+    node = yaml.safe_load(path.read_text())
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    results = {}
+    for fmt in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        ae = build("autoencoder", {**node, "memory_format": fmt}, code_dim=8)
+        z = ae.encode(x)
+        y = ae.decode(z)
+        assert z.is_contiguous() and y.is_contiguous()
+        y.square().mean().backward()
+        results[fmt] = (z.detach(), y.detach(), {n: p.grad for n, p in ae.named_parameters()})
+    (z0, y0, g0), (z1, y1, g1) = results["contiguous"], results["channels_last"]
+    torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("fmt", "autocast", "nhwc"), [
+    ("auto", False, True),  # float32 on CPU: NHWC (measured faster there)
+    ("auto", True, False),  # CPU bf16 autocast: NCHW (NHWC measured slower)
+    ("contiguous", False, False),
+    ("channels_last", True, True),
+])
+def test_auto_memory_format_is_nhwc_for_float32_on_cpu_only(fmt, autocast, nhwc):
+    ae = build_preset(PRESET_DIR / "tiny.yaml")
+    ae.cfg.memory_format = fmt
+    spy = _ConvInputs(ae)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ae.decode(ae.encode(torch.rand(2, 3, 8, 8)))
+    # the 1x1 convs see (B, C, h, w) tensors that are both NCHW- and NHWC-contiguous only when h = w = 1
+    assert spy.nhwc and all(v == nhwc for v in spy.nhwc)
+
+
+def test_bad_memory_format_is_a_config_error():
+    with pytest.raises(ConfigError, match="memory_format 'nhwc' is not one of auto, channels_last, contiguous"):
+        build("autoencoder", {"type": "conv", "memory_format": "nhwc"}, code_dim=8)
