@@ -35,8 +35,8 @@ def conv_layout(x: Tensor, memory_format: str) -> Tensor:
 
     ``auto`` picks NHWC for float32 on a CPU outside autocast and NCHW everywhere else. Measured with 2 threads
     on an AVX-512 CPU without native bf16 (docs/performance.md section 0), oneDNN's NHWC kernels made the
-    shapes tokenizer's float32 training step 1.28x faster and encode / decode 1.5x faster. Under bf16 autocast
-    on an AMX CPU they were slower (215 ms against 130 ms per step). On GPUs it is not measured, so NCHW stays.
+    shapes tokenizer's float32 training step 1.3-1.4x faster, encode 1.2-1.3x and decode 1.5x. Under bf16
+    autocast on an AMX CPU they were slower (215 ms against 130 ms per step). GPUs are not measured: NCHW stays.
     """
     if memory_format == "auto":
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
