@@ -15,4 +15,4 @@ def test_kernels_are_timed_over_the_generator_and_the_tokenizer():
     assert [r["kernel"] for r in gen["rows"]] == ["loop", "foreach", "fused"]
     assert all(r["ms_per_step"] > 0 for r in gen["rows"]) and gen["rows"][0]["speedup"] == 1.0
     tok = bench_optimizer.main(["shapes/tokenizer-quick", "--repeat", "1", "--warmup", "1"])
-    assert tok["optimizer"] == "Adam" and 0.9e6 < tok["params"] < 1.3e6  # shapes-fsq: 1.1M
+    assert tok["optimizer"] == "Adam" and 0.8e6 < tok["params"] < 0.9e6  # shapes-fsq with ch_mult [1, 1, 2]: 0.85M
