@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from arlab.data.images import to_rgb
+from arlab.data.memory import MemoryLoader
 from arlab.data.pack import pack_imagefolder
 from arlab.data.shapes import ensure_shapes
 from arlab.data.shards import IMAGE_EXTS, MANIFEST, read_manifest
@@ -60,6 +61,11 @@ class ImageDecoder:
         self.resample = _RESAMPLE[interpolation]
 
     def __call__(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+        out = self.load(sample)
+        return None if out is None else self.augment(out, epoch)
+
+    def load(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        """Decode, resize and crop (no augmentation); None when the image is corrupt."""
         key = sample["__key__"]
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         try:
@@ -81,10 +87,14 @@ class ImageDecoder:
             left, top = (nw - self.size) // 2, (nh - self.size) // 2
             im = im.crop((left, top, left + self.size, top + self.size))
         arr = np.asarray(im, dtype=np.uint8)
-        if self.flip > 0 and (sample_seed(self.seed, epoch, key, "flip") % 1_000_000) < self.flip * 1_000_000:
-            arr = arr[:, ::-1]
         caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
         return {"image": arr, "label": label, "caption": caption, "key": key}
+
+    def augment(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """The epoch's horizontal flip, decided by a hash of ``(seed, epoch, key)`` (a view, not a copy)."""
+        if self.flip > 0 and (sample_seed(self.seed, epoch, sample["key"], "flip") % 1_000_000) < self.flip * 1_000_000:
+            return {**sample, "image": sample["image"][:, ::-1]}
+        return sample
 
 
 def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,23 +112,23 @@ class ManifestInfo:
     manifest: dict[str, Any] | None
     _rank: int | None
     _world: int | None
-    _train: ShardLoader | None
+    _train: ShardLoader | MemoryLoader | None
 
     def setup(self, stage: str | None = None) -> None:  # pragma: no cover - provided by the data module
         raise NotImplementedError
 
-    def _loader(self, split: str, train: bool) -> ShardLoader:  # pragma: no cover - provided by the data module
+    def _loader(self, split: str, train: bool) -> ShardLoader | MemoryLoader:  # pragma: no cover - the subclass
         raise NotImplementedError
 
-    def train_dataloader(self) -> ShardLoader:
+    def train_dataloader(self) -> ShardLoader | MemoryLoader:
         if self._train is None:
             self._train = self._loader(self.cfg.train_split, train=True)
         return self._train
 
-    def val_dataloader(self) -> ShardLoader | list:
+    def val_dataloader(self) -> ShardLoader | MemoryLoader | list:
         return self._loader(self.cfg.val_split, train=False) if self.cfg.val_split else []
 
-    def test_dataloader(self) -> ShardLoader | list:
+    def test_dataloader(self) -> ShardLoader | MemoryLoader | list:
         return self.val_dataloader()
 
     @property
@@ -159,6 +169,7 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         flip: float = 0.5  # probability of a horizontal flip (train)
         interpolation: str = "bicubic"  # nearest, bilinear, bicubic, lanczos, box
         shard_size: int = 1000  # samples per shard when packing source
+        in_memory: bool = False  # decode each split once, batch from memory in-process (small sets; data/memory.py)
 
         def __post_init__(self) -> None:
             for key, lo in (("image_size", 1), ("batch_size", 1), ("val_batch_size", 0), ("shard_size", 1)):
@@ -178,7 +189,7 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         self.cfg, self.seed = cfg, seed
         self._rank, self._world = rank, world_size
         self.manifest: dict[str, Any] | None = None
-        self._train: ShardLoader | None = None
+        self._train: ShardLoader | MemoryLoader | None = None
 
     # --- where the data is -------------------------------------------------------------
     @property
@@ -208,7 +219,7 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
             if self.manifest.get("kind", "images") != "images":
                 raise DataError(f"{self.root} holds {self.manifest['kind']} shards, not images")
 
-    def _loader(self, split: str, train: bool) -> ShardLoader:
+    def _loader(self, split: str, train: bool) -> ShardLoader | MemoryLoader:
         self.setup()
         assert self.manifest is not None
         info = self.manifest["splits"][split]
@@ -216,6 +227,11 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         decode = ImageDecoder(self.cfg.image_size, self.cfg.flip if train else 0.0, self.seed,
                               self.cfg.interpolation)
         bs = self.cfg.batch_size if train else (self.cfg.val_batch_size or self.cfg.batch_size)
+        if self.cfg.in_memory:
+            return MemoryLoader([str(self.root / s["name"]) for s in info["shards"]],
+                                [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
+                                world_size=world, decoder=decode, collate=collate_images, train=train,
+                                name=f"{self.manifest['name']}/{split}")
         return ShardLoader([str(self.root / s["name"]) for s in info["shards"]],
                            [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
                            world_size=world, num_workers=self.cfg.num_workers,

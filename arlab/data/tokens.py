@@ -24,6 +24,7 @@ import torch
 
 from arlab.config import build
 from arlab.data.datamodule import ManifestInfo
+from arlab.data.memory import MemoryLoader
 from arlab.data.shards import MANIFEST, read_manifest
 from arlab.data.stream import ShardLoader
 from arlab.data.tokenize import tokenize_shards
@@ -33,6 +34,20 @@ from arlab.rundir import run_of_checkpoint
 from arlab.utils import FileLock
 
 log = logging.getLogger("arlab.data")
+
+
+class TokenDecoder:
+    """Raw token-shard sample → ``{tokens, label, caption, key}``, or None when it does not parse. Tokens carry
+    no augmentation (flips are made when tokenizing), so ``augment`` is the identity."""
+
+    def __call__(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
+        return decode_tokens(sample, epoch)
+
+    def load(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        return decode_tokens(sample, 0)
+
+    def augment(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        return sample
 
 
 def decode_tokens(sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
@@ -74,6 +89,7 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         val_batch_size: int = 0  # 0: batch_size
         num_workers: int = 1
         shuffle_buffer: int = 2000
+        in_memory: bool = False  # decode each split once and batch from memory, in-process (data/memory.py)
 
         def __post_init__(self) -> None:
             for key, lo in (("batch_size", 1), ("val_batch_size", 0), ("num_workers", 0), ("shuffle_buffer", 0)):
@@ -86,7 +102,7 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed, self._rank, self._world = cfg, seed, rank, world_size
         self.manifest: dict[str, Any] | None = None
-        self._train: ShardLoader | None = None
+        self._train: ShardLoader | MemoryLoader | None = None
 
     @property
     def root(self) -> Path:
@@ -128,12 +144,17 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         assert self.manifest is not None
         return dict(self.manifest["tokenizer"])
 
-    def _loader(self, split: str, train: bool) -> ShardLoader:
+    def _loader(self, split: str, train: bool) -> ShardLoader | MemoryLoader:
         self.setup()
         assert self.manifest is not None
         info = self.manifest["splits"][split]
         rank, world = self.rank_world()
         bs = self.cfg.batch_size if train else (self.cfg.val_batch_size or self.cfg.batch_size)
+        if self.cfg.in_memory:
+            return MemoryLoader([str(self.root / s["name"]) for s in info["shards"]],
+                                [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
+                                world_size=world, decoder=TokenDecoder(), collate=collate_tokens, train=train,
+                                name=f"{self.manifest['name']}-tokens/{split}")
         return ShardLoader([str(self.root / s["name"]) for s in info["shards"]], [s["count"] for s in info["shards"]],
                            batch_size=bs, seed=self.seed, rank=rank, world_size=world,
                            num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,

@@ -48,18 +48,19 @@ def _trainer(root: Path, **kw) -> pl.Trainer:
                       enable_model_summary=False, use_distributed_sampler=False, **kw)
 
 
-def _dm(shards: Path, workers: int = 0) -> ShardDataModule:
+def _dm(shards: Path, workers: int = 0, in_memory: bool = False) -> ShardDataModule:
     cfg = ShardDataModule.Config(root=str(shards), image_size=8, batch_size=4, num_workers=workers,
-                                 val_split="", shuffle_buffer=8)
+                                 val_split="", shuffle_buffer=8, in_memory=in_memory)
     return ShardDataModule(cfg, seed=3)
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_ranks_read_distinct_samples_in_equal_batches(image_shards, tmp_path):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_ddp_two_ranks_read_distinct_samples_in_equal_batches(image_shards, tmp_path, in_memory):
     shards = image_shards([10, 10, 10, 6, 9])  # 45 samples, uneven shards
     out = tmp_path / "seen"
     trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=2, enable_checkpointing=False)
-    trainer.fit(Recorder(str(out)), datamodule=_dm(shards))
+    trainer.fit(Recorder(str(out)), datamodule=_dm(shards, in_memory=in_memory))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     per_epoch = 45 // (2 * 4)
     assert [len(r) for r in ranks] == [2 * per_epoch, 2 * per_epoch]  # same number of steps
@@ -69,6 +70,8 @@ def test_ddp_two_ranks_read_distinct_samples_in_equal_batches(image_shards, tmp_
         k0, k1 = set(drawn[0]), set(drawn[1])
         # a rank whose shards hold fewer than the balanced share wraps: at most one shard's worth repeats
         assert len(k0) >= per_epoch * 4 - 10 and len(k1) >= per_epoch * 4 - 10
+        if in_memory:  # every rank holds the whole split: no wrapping
+            assert len(k0) == len(k1) == per_epoch * 4
         assert not k0 & k1, f"epoch {epoch}: ranks share samples {sorted(k0 & k1)[:5]}"
     first = [k for s in ranks[0][:per_epoch] for k in s["keys"]]
     second = [k for s in ranks[0][per_epoch:] for k in s["keys"]]
@@ -76,20 +79,20 @@ def test_ddp_two_ranks_read_distinct_samples_in_equal_batches(image_shards, tmp_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_reproduces_uninterrupted_run(image_shards, tmp_path, workers):
+@pytest.mark.parametrize("workers,in_memory", [(0, False), (2, False), (0, True)])
+def test_resume_mid_epoch_reproduces_uninterrupted_run(image_shards, tmp_path, workers, in_memory):
     shards = image_shards([8, 8, 8, 8])  # 8 batches of 4 per epoch
     total, stop = 13, 5  # crosses an epoch boundary after resuming mid-epoch
 
     pl.seed_everything(0)
     full = Recorder(str(tmp_path / "full"))
     trainer = _trainer(tmp_path / "a", max_steps=total, enable_checkpointing=False)
-    trainer.fit(full, datamodule=_dm(shards, workers))
+    trainer.fit(full, datamodule=_dm(shards, workers, in_memory))
 
     pl.seed_everything(0)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
     part = Recorder(str(tmp_path / "part"))
-    _trainer(tmp_path / "b", max_steps=stop, callbacks=[ckpt_cb]).fit(part, datamodule=_dm(shards, workers))
+    _trainer(tmp_path / "b", max_steps=stop, callbacks=[ckpt_cb]).fit(part, datamodule=_dm(shards, workers, in_memory))
     ckpt = next((tmp_path / "ckpt").glob(f"*step={stop}.ckpt"))
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert state["batches_done"] == stop and state["epoch"] == 0
@@ -97,7 +100,7 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(image_shards, tmp_path, w
     pl.seed_everything(123)  # resuming must not depend on the global RNG
     rest = Recorder(str(tmp_path / "rest"))
     _trainer(tmp_path / "c", max_steps=total, enable_checkpointing=False).fit(
-        rest, datamodule=_dm(shards, workers), ckpt_path=str(ckpt))
+        rest, datamodule=_dm(shards, workers, in_memory), ckpt_path=str(ckpt))
 
     assert [s["keys"] for s in part.seen + rest.seen] == [s["keys"] for s in full.seen]
     assert [s["step"] for s in rest.seen] == list(range(stop, total))

@@ -37,6 +37,15 @@ def sample_ids(batch) -> torch.Tensor:
     return torch.where(flipped, right, left)
 
 
+def check_keys_labels_captions(batches) -> None:
+    """Every sample's key, label and caption are the ones its pixels encode (conftest.make_image_shards)."""
+    for batch in batches:
+        ids = sample_ids(batch)
+        assert [f"k{i:06d}" for i in ids.tolist()] == batch["key"]
+        assert batch["label"].tolist() == [i % 3 for i in ids.tolist()]
+        assert batch["caption"] == [f"caption {i}" for i in ids.tolist()]
+
+
 def test_batches_shapes_labels_and_pixels(image_shards):
     root = image_shards([10, 10, 10])
     ld = loader(root, flip=0.0)
@@ -45,11 +54,7 @@ def test_batches_shapes_labels_and_pixels(image_shards):
     b = batches[0]
     assert b["image"].shape == (4, 3, 8, 8) and b["image"].dtype == torch.float32
     assert b["image"].min() >= -1 and b["image"].max() <= 1
-    for batch in batches:
-        ids = sample_ids(batch)
-        assert [f"k{i:06d}" for i in ids.tolist()] == batch["key"]
-        assert batch["label"].tolist() == [i % 3 for i in ids.tolist()]
-        assert batch["caption"] == [f"caption {i}" for i in ids.tolist()]
+    check_keys_labels_captions(batches)
     assert len(set(keys(batches))) == 28  # 7 full batches, no sample twice
 
 
