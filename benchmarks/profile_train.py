@@ -13,6 +13,14 @@ For each (threads, data workers) setting, in one run on this machine:
    callbacks), its per-step time after the first ``--warmup`` steps;
 
 and prints the share of a fit step that ``step`` explains (the rest is data waiting and loop overhead).
+
+``--data-paths stream,memory,cached --rounds 2`` instead times ``trainer.fit`` steps per data path, alternating
+in one process (the machine's drift hits every path alike): ``stream`` (the shard stream and its workers),
+``memory`` (``data.in_memory=true``) and ``cached`` (8 real batches replayed from a list: no data cost at all).
+It prints the median and mean step of each path in each round.
+
+    python benchmarks/profile_train.py shapes/quickstart --data-paths stream,memory,cached --rounds 2
+
 The upstream runs (the tokenizer and token shards of a generator) must exist: run the experiment once.
 ``--top`` prints the profiler's top operators of the model step.
 """
@@ -20,6 +28,7 @@ The upstream runs (the tokenizer and token shards of a generator) must exist: ru
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from itertools import islice, product
@@ -105,16 +114,60 @@ def time_step(exp, dm, module, n: int, top: int) -> float:
     return dt
 
 
-def time_fit(name: str, overrides: list[str], steps: int, warmup: int) -> float:
+DATA_PATHS = ("stream", "memory", "cached")
+
+
+class Replay:
+    """``n`` batches cycled from a list: a loader with no data cost (a plain list would be read by Lightning as a
+    list of loaders)."""
+
+    def __init__(self, batches: list, n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self):
+        return (self.batches[i % len(self.batches)] for i in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def fit_step_times(name: str, overrides: list[str], steps: int, data: str = "") -> list[float]:
+    """Seconds of every ``trainer.fit`` step (validation off); ``data``: "" (the experiment's loader) or one of
+    :data:`DATA_PATHS`."""
+    extra = {"stream": ["data.in_memory=false"], "memory": ["data.in_memory=true"]}.get(data, [])
     with tempfile.TemporaryDirectory() as tmp:
-        exp, dm, module = _build(name, [*overrides, f"trainer.max_steps={steps}", f"run.dir={tmp}/run"])
+        exp, dm, module = _build(name, [*overrides, *extra, f"trainer.max_steps={steps}", f"run.dir={tmp}/run"])
         timer = StepTimer()
         trainer = pl.Trainer(default_root_dir=tmp, callbacks=[timer], enable_checkpointing=False,
                              **{**exp.trainer.lightning_kwargs(), "val_check_interval": None,
                                 "check_val_every_n_epoch": 10**6, "num_sanity_val_steps": 0})
-        trainer.fit(module, datamodule=dm)
-    t = timer.t[warmup:]
+        if data == "cached":
+            dm.setup("fit")
+            batches = list(islice(iter(dm.train_dataloader()), 8))
+            trainer.fit(module, train_dataloaders=Replay(batches, steps + 1))
+        else:
+            trainer.fit(module, datamodule=dm)
+    return timer.t
+
+
+def time_fit(name: str, overrides: list[str], steps: int, warmup: int) -> float:
+    t = fit_step_times(name, overrides, steps)[warmup:]
     return sum(t) / max(1, len(t))
+
+
+def compare_data_paths(name: str, overrides: list[str], paths: list[str], rounds: int, steps: int,
+                       warmup: int) -> list[tuple[int, str, float, float]]:
+    """(round, path, median s, mean s) of fit steps after ``warmup``, the paths alternating in each round."""
+    bad = [p for p in paths if p not in DATA_PATHS]
+    if bad:
+        raise SystemExit(f"--data-paths: {', '.join(bad)} not in {', '.join(DATA_PATHS)}")
+    rows = []
+    for r in range(rounds):
+        for path in paths:
+            t = fit_step_times(name, overrides, steps, path)[warmup:]
+            rows.append((r, path, statistics.median(t), statistics.fmean(t)))
+            print(f"round {r} {path}: median {rows[-1][2] * 1000:.0f} ms, mean {rows[-1][3] * 1000:.0f} ms", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -126,7 +179,20 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="comma list of torch thread counts")
     ap.add_argument("--workers", default="", help="comma list of data.num_workers (default: the experiment's)")
     ap.add_argument("--top", type=int, default=0, help="print the top operators of the model step")
+    ap.add_argument("--data-paths", default="", help=f"comma list of {', '.join(DATA_PATHS)}: fit steps per data path")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of --data-paths")
     args = ap.parse_args()
+    if args.data_paths:
+        torch.set_num_threads(int(args.threads.split(",")[0]))
+        rows = compare_data_paths(args.experiment, args.overrides, args.data_paths.split(","), args.rounds,
+                                  args.steps, args.warmup)
+        print(f"\n{args.experiment}: fit step per data path, {torch.get_num_threads()} threads, "
+              f"{args.steps - args.warmup} steps timed per run")
+        print("| round | data path | median (ms) | mean (ms) |")
+        print("|---|---|---|---|")
+        for r, path, med, mean in rows:
+            print(f"| {r} | {path} | {med * 1000:.0f} | {mean * 1000:.0f} |")
+        return
     rows = []
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]
     for threads, w in product([int(t) for t in args.threads.split(",")], workers):
