@@ -149,7 +149,8 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
         train_upstream(up, exp)
     pl.seed_everything(exp.run.seed, workers=True, verbose=False)
     datamodule = exp.build("data", seed=exp.run.seed)
-    meta = task_cls.data_meta(task_cfg, datamodule)
+    meta = task_cls.data_meta(task_cfg, datamodule)  # may make the data first (e.g. tokenize): that draws RNG
+    pl.seed_everything(exp.run.seed, workers=True, verbose=False)  # so the model's init depends on the seed alone
     module: Task = exp.build("task", experiment=exp.tree, meta=meta)
     flops = FlopCount(run)
     trainer = build_trainer(exp, run, [flops, *(callbacks or [])])

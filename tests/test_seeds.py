@@ -44,6 +44,18 @@ def test_each_seed_trains_into_its_sibling_run_and_the_tokenizer_is_shared(seede
     assert metrics[0]["train/loss"] != metrics[1]["train/loss"]  # another initialisation and data order
 
 
+def test_a_seed_gives_the_same_run_whether_or_not_its_tokens_had_to_be_made(seeded):
+    """Seed 0's first run tokenized the images in its process (loading a tokenizer draws random numbers for its
+    initial weights); run again with the token shards in place, it must train the same model."""
+    tmp, argv = seeded
+    again = tmp / "again"
+    with pinned_threads():
+        assert main(["train", argv[1], "run.seed=0", f"run.dir={again}"]) == 0
+    first = json.loads((tmp / "gen" / "seed0" / "metrics.json").read_text())
+    second = json.loads((again / "metrics.json").read_text())
+    assert second["train/loss"] == first["train/loss"] and second["val/ce"] == first["val/ce"]
+
+
 def test_train_records_flops_per_image_per_checkpoint_and_in_total(seeded):
     tmp, _ = seeded
     run = tmp / "gen" / "seed0"
