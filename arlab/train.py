@@ -112,6 +112,9 @@ def build_trainer(exp: Experiment, run: Path, callbacks: list[pl.Callback] | Non
         log.info("trainer.precision %s: %s on this machine", t.precision, kwargs["precision"])
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+    # Lightning prints a code example at each periodic checkpoint of a manual-optimisation task (the tokenizer):
+    # arlab means step-N.ckpt to hold the weights after N optimizer steps, as the other tasks' checkpoints do
+    warnings.filterwarnings("ignore", ".*ModelCheckpoint with manual optimization.*")
     return pl.Trainer(default_root_dir=str(run), logger=logger, callbacks=cbs + (callbacks or []),
                       use_distributed_sampler=False, enable_model_summary=True, **kwargs)
 
@@ -168,10 +171,12 @@ def _fit_locked(exp: Experiment, callbacks: list[pl.Callback] | None) -> dict[st
             raise Interrupted(f"interrupted at step {trainer.global_step}; resume with: arlab train "
                               f"{run / 'config.yaml'}")
         wall = time.perf_counter() - t0
+        # the training scalars (train/*, perf/*) first: a trainer.validate() call resets callback_metrics to its own
+        metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items()}
         validated_last = module.last_val_step == trainer.global_step
         if datamodule.val_dataloader() != [] and trainer.limit_val_batches and not validated_last:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final metrics at the last step
-        metrics: dict[str, Any] = {k: v for k, v in trainer.callback_metrics.items()}
+            metrics.update(trainer.callback_metrics)
         metrics["train/steps"] = trainer.global_step
         metrics["train/wall_s"] = wall
         metrics.update(flops.metrics(trainer.global_step))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,25 @@ def test_training_lowers_loss_and_writes_a_run(trained):
     assert "val/reconstructions" in ev.Tags()["images"]
     rec = [e.value for e in ev.Scalars("train/rec")]
     assert np.mean(rec[-2:]) < 0.8 * np.mean(rec[:2]), rec  # measured 0.36-0.66 (fixture)
+
+
+def test_a_run_that_ends_between_validations_keeps_its_training_scalars(tmp_path, arlab_cache):
+    """max_steps not a multiple of val_check_interval: arlab validates once more at the last step, and
+    metrics.json keeps the training scalars (train/*, perf/*) beside that validation's (a trainer.validate()
+    resets Lightning's callback_metrics; the 850-step quickstart trials lost perf/train_images_per_s to it), and
+    its periodic checkpoints do not print Lightning's manual-optimisation code example."""
+    body = tiny_exp(tmp_path, {"preset": "shapes-fsq", "autoencoder": "tiny"}, 12, "run")
+    body["trainer"].update(val_check_interval=8, checkpoint_every_n_steps=8)
+    with pinned_threads(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = fit(load_experiment(write_exp(tmp_path, "fsq", body)))
+    # the periodic checkpoint at step 8 of this manual-optimisation task: no Lightning code example on the console
+    assert not [w for w in caught if "manual optimization" in str(w.message)]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["train/steps"] == 12
+    for key in ("train/rec", "train/loss", "perf/train_images_per_s", "val/psnr", "val/usage"):
+        assert key in saved and key in metrics, key
+    assert saved["perf/train_images_per_s"] > 0
 
 
 def test_checkpoint_reload_gives_the_same_tokenizer(trained):
