@@ -153,13 +153,55 @@ def load_run(path: Path) -> Run | None:
     return run
 
 
+def _upstream_tree(ckpt: str, base: Path) -> tuple[Path, dict] | None:
+    """(run directory, config tree) of the run an upstream checkpoint comes from, when its config is readable: the
+    path as recorded (relative to where that run was trained, normally the repo root), else relative to ``base``."""
+    import yaml
+
+    up = run_of_checkpoint(ckpt)
+    for cand in [up] if up.is_absolute() else [up, base / up]:
+        try:
+            return cand.resolve(), yaml.safe_load((cand / CONFIG).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+    return None
+
+
+def recipe(tree: dict, base: Path, _seen: frozenset = frozenset()) -> dict[str, Any]:
+    """What makes runs seeds of one configuration: the flat config without ``run.seed`` (and what a resume may
+    change). An upstream checkpoint (a ``*_ckpt`` key, e.g. ``task.tokenizer_ckpt``) stands for its run's own
+    recipe, flattened under ``<key>:``; the overrides it was trained with (``task.tokenizer_overrides`` beside
+    ``task.tokenizer_ckpt``) are then redundant and dropped, and elsewhere only their ``run.seed=…`` entries. So
+    generators trained on tokenizers that differ only in their seed (a chain per seed) are seeds of one config,
+    and generators on tokenizers of different recipes are not. An upstream whose config cannot be read stays a
+    path."""
+    out: dict[str, Any] = {}
+    for k, v in flat_keys(tree).items():
+        if k in IGNORED_FOR_GROUPS:
+            continue
+        if k.endswith("_overrides") and isinstance(v, list):
+            v = [o for o in v if not (isinstance(o, str) and o.partition("=")[0].strip() in IGNORED_FOR_GROUPS)]
+        elif k.endswith("_ckpt") and isinstance(v, str) and v:
+            up = _upstream_tree(v, base)
+            if up is not None and up[0] not in _seen:
+                out.update({f"{k}:{uk}": uv for uk, uv in recipe(up[1], up[0], _seen | {up[0]}).items()})
+                continue
+        out[k] = v
+    for k in [k for k in out if k.endswith("_overrides")]:  # how a resolved upstream was made: its recipe says it
+        if any(u.startswith(k[: -len("_overrides")] + "_ckpt:") for u in out):
+            del out[k]
+    return out
+
+
 def group_key(run: Run, by: str) -> str:
     if by == "run":
         return str(run.path)
     if by == "experiment":
         return run.name
-    flat = {k: v for k, v in flat_keys(run.tree).items() if k not in IGNORED_FOR_GROUPS}
-    return json.dumps(flat, sort_keys=True, default=str)
+    return json.dumps(recipe(run.tree, run.path), sort_keys=True, default=str)
+
+
+_UNSET = "(unset)"
 
 
 def label_groups(groups: dict[str, list[Run]], by: str) -> dict[str, list[Run]]:
@@ -173,11 +215,11 @@ def label_groups(groups: dict[str, list[Run]], by: str) -> dict[str, list[Run]]:
             runs = groups[key]
             label = str(runs[0].path) if by == "run" else name
             if len(keys) > 1 and by == "config":
-                mine = flat_keys(runs[0].tree)
-                others = [flat_keys(groups[k][0].tree) for k in keys if k != key]
-                diff = sorted(k for k in mine
-                              if k not in IGNORED_FOR_GROUPS and any(o.get(k) != mine[k] for o in others))
-                label = f"{name} ({', '.join(f'{k}={mine[k]}' for k in diff[:3])})"
+                mine = recipe(runs[0].tree, runs[0].path)
+                others = [recipe(groups[k][0].tree, groups[k][0].path) for k in keys if k != key]
+                keys_all = set(mine).union(*others)  # a key an older run's config lacks differs too
+                diff = sorted(k for k in keys_all if any(o.get(k, _UNSET) != mine.get(k, _UNSET) for o in others))
+                label = f"{name} ({', '.join(f'{k}={mine.get(k, _UNSET)}' for k in diff[:3])})"
             out[label] = runs
     return dict(sorted(out.items()))
 

@@ -117,6 +117,47 @@ def test_table_values_by_hand(runs):
     assert list(by_name) == ["exp/a"] and len(by_name["exp/a"]["runs"]) == 4
 
 
+def test_generators_on_tokenizers_of_one_recipe_are_seeds_of_one_config(tmp_path, monkeypatch):
+    """A chain per seed trains its own tokenizer (task.tokenizer_overrides=[run.seed=k, ...]): the generators'
+    configs differ in task.tokenizer_ckpt and in those overrides, yet they are seeds of one config (the tokenizer
+    stands for its run's recipe, which makes the overrides redundant). Generators on a tokenizer of another recipe
+    (550 steps) are not; one on a tokenizer whose run is gone stays apart, by its path."""
+    monkeypatch.chdir(tmp_path)
+
+    def tokenizer(name: str, seed: int, steps: int) -> str:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"name": "shapes/tokenizer-quick", "run": {
+            "dir": f"runs/{name}", "seed": seed}, "trainer": {"max_steps": steps}}))
+        return f"runs/{name}/checkpoints/last.ckpt"
+
+    ckpts = [tokenizer("tok-s0", 0, 700), tokenizer("tok-s1", 1, 700), tokenizer("short-s0", 0, 550),
+             tokenizer("short-s1", 1, 550), "runs/gone/checkpoints/last.ckpt"]
+    refs = []
+    for i, (ckpt, seed) in enumerate(zip(ckpts, [0, 1, 0, 1, 2])):
+        d = make_run(tmp_path / "runs" / f"gen{i}", "shapes/quickstart", seed, {"val/ce": 2.0 + i / 10},
+                     tokenizer_ckpt=ckpt)
+        tree = yaml.safe_load((d / "config.yaml").read_text())
+        tree["task"]["tokenizer_overrides"] = [f"run.seed={seed}", f"trainer.log_every_n_steps={10 + 10 * i}"]
+        (d / "config.yaml").write_text(yaml.safe_dump(tree))
+        refs.append(str(d))
+    groups = {g["label"]: g["seeds"] for g in build(refs[:4])["groups"]}
+    assert groups == {"shapes/quickstart (task.tokenizer_ckpt:trainer.max_steps=550)": [0, 1],
+                      "shapes/quickstart (task.tokenizer_ckpt:trainer.max_steps=700)": [0, 1]}
+    groups = {g["label"]: g["seeds"] for g in build([refs[0], refs[1], refs[4]])["groups"]}
+    assert sorted(groups.values()) == [[0, 1], [2]]
+    assert groups[next(k for k in groups if "task.tokenizer_ckpt=runs/gone/checkpoints/last.ckpt" in k)] == [2]
+    # a tokenizer run older than a key (its config lacks it) is labelled by the missing key
+    old = tmp_path / "runs" / "old-s0"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({"name": "shapes/tokenizer-quick", "run": {"seed": 0}}))
+    refs.append(str(make_run(tmp_path / "runs" / "gen-old", "shapes/quickstart", 0, {"val/ce": 2.0},
+                             tokenizer_ckpt="runs/old-s0/checkpoints/last.ckpt")))
+    labels = sorted(g["label"] for g in build([refs[0], refs[-1]])["groups"])
+    assert labels == ["shapes/quickstart (task.tokenizer_ckpt:trainer.max_steps=(unset))",
+                      "shapes/quickstart (task.tokenizer_ckpt:trainer.max_steps=700)"]
+
+
 def test_a_run_without_flop_count_keeps_its_values_on_the_compute_curve(tmp_path, monkeypatch):
     """A seed trained before FLOPs were counted (no checkpoints/flops.json) still adds its quality values; the
     step's FLOPs come from the seeds that counted them."""
