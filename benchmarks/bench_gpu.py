@@ -155,15 +155,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
            f"sample {rows[0]['sample_batch']} (s) | +decode (s) | × peer | 1 img (s) | × peer |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        p = {k: float("nan") for k in PEER[r["model"]]} if args.tiny else PEER[r["model"]]  # tiny: no ratios
+        p = None if args.tiny else PEER[r["model"]]  # tiny: no ratios (the peers' figures are full-size)
+
+        def ratio(ours_over_peer: float | None) -> str:
+            return "—" if ours_over_peer is None else f"{ours_over_peer:.2f}"
         s64 = r["sample_with_decode_s"] if r["model"] == "VAR-d16" else r["sample_s"]  # as the peers timed it
         mem = fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30, ".1f", "n/a") + (
             " GiB" if r["peak_memory_bytes"] else "")
         out.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tokens']} | {r['train_images_per_s']:.1f} | "
-                   f"{r['train_images_per_s'] / p['train']:.2f} | {fmt(r['mfu'], '.0%')} | "
+                   f"{ratio(p and r['train_images_per_s'] / p['train'])} | {fmt(r['mfu'], '.0%')} | "
                    f"{fmt(r['mfu_with_attention'], '.0%')} | {mem} | {r['sample_s']:.3f} | "
-                   f"{r['sample_with_decode_s']:.3f} | {p['sample64'] / s64:.2f} | {r['latency_1_s']:.3f} | "
-                   f"{p['sample1'] / r['latency_1_s']:.2f} |")
+                   f"{r['sample_with_decode_s']:.3f} | {ratio(p and p['sample64'] / s64)} | {r['latency_1_s']:.3f} | "
+                   f"{ratio(p and p['sample1'] / r['latency_1_s'])} |")
     note = ("× peer: ours / peer's train img/s, peer's / our sampling time (> 1 = faster); peers: one H100, their "
             "own code, peer-speed.md; sampling compared with VAE decode for VAR-d16, tokens only otherwise.")
     if args.tiny:

@@ -22,6 +22,22 @@ def test_tiny_run_measures_every_peer_shape(capsys):
         assert r["mfu"] is None and r["peak_memory_bytes"] is None  # CPU: no peak FLOP/s, no CUDA memory
     out = capsys.readouterr().out
     assert "| GPT-B |" in out and "| NAR-B |" in out and "CPU (" in out
+    assert "nan" not in out  # tiny shapes: the ratio columns say "—"
+
+
+def test_table_ratios_against_the_peers():
+    """Training: ours / peer's images/s; sampling: peer's / our seconds (VAR-d16 with its VAE decode)."""
+    import argparse
+
+    peer = bench_gpu.PEER["VAR-d16"]
+    row = {"model": "VAR-d16", "params": 310e6, "tokens": 680, "train_images_per_s": 2 * peer["train"],
+           "mfu": None, "mfu_with_attention": None, "peak_memory_bytes": None, "sample_batch": 64,
+           "sample_s": 0.1, "sample_with_decode_s": peer["sample64"] / 4, "latency_1_s": peer["sample1"] / 2}
+    line = bench_gpu.table([row], argparse.Namespace(tiny=False)).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert (cells[4], cells[10], cells[12]) == ("2.00", "4.00", "2.00")
+    tiny = bench_gpu.table([row], argparse.Namespace(tiny=True)).splitlines()[2]
+    assert [c.strip() for c in tiny.strip("|").split("|")][4::6] == ["—", "—"]
 
 
 def test_bad_model_name_is_refused():
