@@ -215,8 +215,8 @@ def label_groups(groups: dict[str, list[Run]], by: str) -> dict[str, list[Run]]:
             runs = groups[key]
             label = str(runs[0].path) if by == "run" else name
             if len(keys) > 1 and by == "config":
-                mine = recipe(runs[0].tree, runs[0].path)
-                others = [recipe(groups[k][0].tree, groups[k][0].path) for k in keys if k != key]
+                mine = json.loads(key)  # the group key is the recipe (group_key), upstream configs read once
+                others = [json.loads(k) for k in keys if k != key]
                 keys_all = set(mine).union(*others)  # a key an older run's config lacks differs too
                 diff = sorted(k for k in keys_all if any(o.get(k, _UNSET) != mine.get(k, _UNSET) for o in others))
                 label = f"{name} ({', '.join(f'{k}={mine.get(k, _UNSET)}' for k in diff[:3])})"
@@ -234,17 +234,15 @@ def tokens_per_image(run: Run) -> float | None:
     ckpt = ((run.tree.get("task") or {}).get("tokenizer_ckpt")) or ""
     if not ckpt:
         return None
-    cfg_path = run_of_checkpoint(ckpt) / CONFIG
-    if not cfg_path.is_absolute() and not cfg_path.is_file():
-        cfg_path = run.path / cfg_path
+    up = _upstream_tree(ckpt, run.path)
+    if up is None:
+        return None
     try:
-        import yaml
-
         from arlab.config import validate_component
 
-        node = (yaml.safe_load(cfg_path.read_text()) or {})["tokenizer"]
+        node = up[1]["tokenizer"]
         return float(sum(p * p for p in validate_component("tokenizer", node)[1].token_scales()))
-    except (OSError, KeyError, TypeError, ConfigError):
+    except (KeyError, TypeError, ConfigError):
         return None
 
 

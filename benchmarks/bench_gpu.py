@@ -154,11 +154,12 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out = ["| model | params | tokens | train img/s | × peer | MFU 6N | MFU +attn | peak mem | "
            f"sample {rows[0]['sample_batch']} (s) | +decode (s) | × peer | 1 img (s) | × peer |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(ours_over_peer: float | None) -> str:
+        return "—" if ours_over_peer is None else f"{ours_over_peer:.2f}"
+
     for r in rows:
         p = None if args.tiny else PEER[r["model"]]  # tiny: no ratios (the peers' figures are full-size)
-
-        def ratio(ours_over_peer: float | None) -> str:
-            return "—" if ours_over_peer is None else f"{ours_over_peer:.2f}"
         s64 = r["sample_with_decode_s"] if r["model"] == "VAR-d16" else r["sample_s"]  # as the peers timed it
         mem = fmt(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**30, ".1f", "n/a") + (
             " GiB" if r["peak_memory_bytes"] else "")
