@@ -169,7 +169,7 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
         flip: float = 0.5  # probability of a horizontal flip (train)
         interpolation: str = "bicubic"  # nearest, bilinear, bicubic, lanczos, box
         shard_size: int = 1000  # samples per shard when packing source
-        in_memory: bool = False  # decode each split once, batch from memory in-process (small sets; data/memory.py)
+        in_memory: bool = False  # the stream's batches, each split decoded once, in-process (data/memory.py)
 
         def __post_init__(self) -> None:
             for key, lo in (("image_size", 1), ("batch_size", 1), ("val_batch_size", 0), ("shard_size", 1)):
@@ -231,7 +231,8 @@ class ShardDataModule(ManifestInfo, pl.LightningDataModule):
             return MemoryLoader([str(self.root / s["name"]) for s in info["shards"]],
                                 [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
                                 world_size=world, decoder=decode, collate=collate_images, train=train,
-                                name=f"{self.manifest['name']}/{split}")
+                                name=f"{self.manifest['name']}/{split}", num_workers=self.cfg.num_workers,
+                                shuffle_buffer=self.cfg.shuffle_buffer)
         return ShardLoader([str(self.root / s["name"]) for s in info["shards"]],
                            [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
                            world_size=world, num_workers=self.cfg.num_workers,

@@ -3,24 +3,34 @@
 The shard stream (:mod:`arlab.data.stream`) reads and decodes the tar shards again every epoch, in a
 background worker process. On a 2-core machine that worker competes with the two compute threads: for the
 quickstart's generator the token stream cost 8-20% of a training step and for its tokenizer the image stream
-8%, against batches that were already in memory (one process, ``docs/performance.md`` section 0). A small
+6-15%, against batches that were already in memory (one process, ``docs/performance.md`` section 0). A small
 set is cheaper to decode once: the embedded shapes set is 11,000 images of 32×32 (34 MB as uint8) and its
 tokens 1.4 MB.
 
-The loader keeps the stream's contract (exact per-rank balance, resumable state, corrupt samples counted and
-skipped, per-epoch augmentation replayed by hash), with a full shuffle in place of shard order + buffer:
+**The loader yields exactly the stream's batches**: the same samples in the same order, with the same flips,
+for the same ``(seed, rank, world size, num_workers, shuffle_buffer)``. Each ``iter()`` also draws the one number
+a ``DataLoader`` iterator draws from torch's global generator. So ``in_memory`` changes where the decoding
+happens and how fast a step runs, never what a run computes (``tests/data/test_memory.py`` checks the
+two loaders batch for batch, with uneven shards, several ranks and workers, and corrupt samples):
 
-* **Loading.** On first use every shard of the split is read in manifest order and each sample decoded once
-  by ``decoder.load`` (no augmentation); corrupt samples are counted, logged and skipped. Every rank holds
-  the whole split.
-* **Training epoch e.** The N samples are permuted by ``rng(seed, e)``; rank r of W takes positions
-  ``r, r + W, ...`` and yields ``batches_per_epoch = N // (W·B)`` full batches, so ranks are disjoint and
-  equal. ``decoder.augment(sample, e)`` applies the epoch's augmentation (an image's flip is a hash of
-  ``(seed, e, key)``, as in the stream).
-* **Evaluation.** Rank r takes samples ``r, r + W, ...`` in manifest order, once; the last batch may be
-  partial, and a rank with fewer samples than the largest pads with full batches from its own start.
+* **Loading.** On first use every shard of the split is read, in manifest order, and each sample decoded once
+  by ``decoder.load`` (no augmentation); corrupt samples are counted, logged and skipped. Each shard keeps its
+  list of sample slots (a slot is the index of a decoded sample, or -1 for a corrupt one).
+* **Training epoch e.** The stream's rules replayed over slots instead of tar members
+  (:class:`arlab.data.stream.StreamSpec`): the epoch's shard permutation, shards ``r::W`` to rank r, every
+  ``n``-th of those to each of the ``n`` logical streams (``n`` = the stream's worker count), each logical
+  stream's seeded shuffle-buffer passes, corrupt slots skipped, its quota of full batches, and the logical
+  streams' batches interleaved as a ``DataLoader`` returns them. The buffer's random draws depend only on
+  how many samples it has seen, so the slot order is the stream's sample order. ``decoder.augment(sample,
+  e)`` then applies the epoch's augmentation (an image's flip is a hash of ``(seed, e, key)``, as in the
+  stream).
+* **Evaluation.** Rank r reads its shards ``r::W`` in manifest order, once; the last batch may be partial,
+  and a rank with fewer samples than the largest pads with full batches from a second pass from its start.
+  Every ``iter()`` starts from the first batch, so a validation cut short (``limit_val_batches``) always
+  sees the same batches.
 * **Resume.** ``state_dict`` is ``(epoch, batches_done)``; a resumed epoch skips the batches done, so the
-  rest of the epoch is the one an uninterrupted run would have seen.
+  rest of the epoch is the one an uninterrupted run would have seen. A stream's state resumes the same way
+  (so a run can switch ``in_memory`` on or off when it resumes).
 
 A decoder is an object with ``load(raw) -> sample | None`` and ``augment(sample, epoch) -> sample``
 (:class:`arlab.data.datamodule.ImageDecoder`, :class:`arlab.data.tokens.TokenDecoder`).
@@ -28,14 +38,16 @@ A decoder is an object with ``load(raw) -> sample | None`` and ``augment(sample,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from arlab.data.stream import _read_shards
+from arlab.data.stream import StreamSpec, _read_shards, _ShuffleBuffer, sample_seed
 from arlab.errors import DataError
 
 log = logging.getLogger("arlab.data")
@@ -47,27 +59,32 @@ class Decoder(Protocol):
     def augment(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]: ...
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one training epoch (independent of ranks)."""
-    return np.random.default_rng([seed, epoch, 0x4D454D]).permutation(n)
-
-
 class MemoryLoader:
     """Batches of one split from memory: the interface of :class:`arlab.data.stream.ShardLoader`
-    (``len``, ``iter``, ``state_dict`` / ``load_state_dict``, ``corrupt``), without worker processes."""
+    (``len``, ``iter``, ``state_dict`` / ``load_state_dict``, ``corrupt``) and its batches, without worker
+    processes. ``num_workers`` and ``shuffle_buffer`` are the stream's (they fix its sample order); no worker
+    process is started."""
 
     def __init__(self, shards: list[str], counts: list[int], *, batch_size: int, seed: int, rank: int,
                  world_size: int, decoder: Decoder, collate: Callable[[list[dict]], dict], train: bool = True,
-                 name: str = "train"):
+                 name: str = "train", num_workers: int = 0, shuffle_buffer: int = 0):
         if not 0 <= rank < world_size:
             raise DataError(f"{name}: rank {rank} is not in [0, {world_size})")
+        if len(shards) < world_size:
+            raise DataError(f"{name}: {len(shards)} shard(s) cannot feed {world_size} ranks (each rank reads "
+                            f"distinct shards); repack with a smaller --shard-size")
         self.shards, self.counts = shards, counts
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.decoder, self.collate, self.train, self.name = decoder, collate, train, name
-        self.num_workers = 0
+        # the stream's layout (stream.ShardLoader): logical streams per rank, capped by the rank's shards
+        workers = num_workers if train else min(num_workers, 1)
+        self.n_streams = max(1, min(workers, len(shards) // world_size)) if workers > 0 else 1
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.num_workers = 0  # no worker process: batches are built in the training process
         self.epoch, self.batches_done = 0, 0
         self.corrupt = 0  # samples skipped as corrupt when the split was loaded
         self._samples: list[dict[str, Any]] | None = None
+        self._slots: list[list[int]] = []  # per shard: sample index of each raw sample, -1 if corrupt
 
     # ------------------------------------------------------------------------------ data
     @property
@@ -75,13 +92,19 @@ class MemoryLoader:
         """Every valid sample of the split, decoded (loaded on first use)."""
         if self._samples is None:
             t0 = time.perf_counter()
-            samples, corrupt = [], 0
-            for raw in _read_shards(self.shards):
-                out = self.decoder.load(raw)
-                if out is None:
-                    corrupt += 1
-                    continue
-                samples.append(out)
+            samples: list[dict[str, Any]] = []
+            slots: list[list[int]] = []
+            corrupt = 0
+            for path in self.shards:  # one shard at a time: the stream's order is per shard
+                slots.append([])
+                for raw in _read_shards([path]):
+                    out = self.decoder.load(raw)
+                    if out is None:
+                        corrupt += 1
+                        slots[-1].append(-1)
+                        continue
+                    slots[-1].append(len(samples))
+                    samples.append(out)
             if corrupt:
                 self.corrupt += corrupt
                 log.warning("%s: skipped %d corrupt sample(s) of %d", self.name, corrupt, len(samples) + corrupt)
@@ -90,44 +113,89 @@ class MemoryLoader:
                             self.name, len(samples) + corrupt, sum(self.counts))
             log.info("%s: %d samples decoded into memory in %.1f s", self.name, len(samples),
                      time.perf_counter() - t0)
-            self._samples = samples
+            self._samples, self._slots = samples, slots
         return self._samples
 
     @property
     def batches_per_epoch(self) -> int:
-        n, w, b = len(self.samples), self.world_size, self.batch_size
-        per_rank = n // w if self.train else -(-n // w)  # evaluation: the largest rank's share
-        batches = per_rank // b if self.train else -(-per_rank // b)
+        """From the manifest's counts, as the stream computes it (corrupt samples are replaced, not dropped)."""
+        w, b = self.world_size, self.batch_size
+        if self.train:
+            batches = sum(self.counts) // (w * b)
+        else:  # every rank can compute every rank's share from the manifest: size for the largest
+            batches = max(-(-sum(self.counts[r::w]) // b) for r in range(w))
         if batches == 0:
-            raise DataError(f"{self.name}: {n} samples are fewer than one batch of {b} on each of {w} rank(s)")
+            raise DataError(f"{self.name}: {sum(self.counts)} samples are fewer than one batch of {b} on each "
+                            f"of {w} rank(s)")
         return batches
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _rank_indices(self) -> np.ndarray:
-        n = len(self.samples)
+    def _spec(self) -> StreamSpec:
+        return StreamSpec(self.shards, self.counts, self.batch_size, self.seed, self.epoch, self.rank,
+                          self.world_size, self.n_streams, self.batches_per_epoch, self.shuffle_buffer,
+                          evaluation=not self.train)
+
+    def _slots_of(self, shard_ids: list[int]) -> Iterator[int]:
+        return itertools.chain.from_iterable(self._slots[i] for i in shard_ids)
+
+    def _passes(self, shard_ids: list[int], seed: int) -> Iterator[int]:
+        """The slots of :func:`arlab.data.stream._passes`: shuffled passes over the shards, forever."""
+        for n in itertools.count():
+            empty = True
+            for slot in _ShuffleBuffer(self._slots_of(shard_ids), self.shuffle_buffer, sample_seed(seed, n)):
+                empty = False
+                yield slot
+            if empty:
+                raise DataError(f"{self.name}: no readable samples in shards "
+                                f"{[self.shards[i] for i in shard_ids]}")
+
+    def _take(self, slots: Iterator[int], todo: int, partial: bool = False) -> list[np.ndarray]:
+        """At most ``todo`` batches of valid sample indices (corrupt slots skipped), as the stream batches."""
+        out: list[np.ndarray] = []
+        batch: list[int] = []
+        if todo <= 0:
+            return out
+        for slot in slots:
+            if slot < 0:
+                continue
+            batch.append(slot)
+            if len(batch) == self.batch_size:
+                out.append(np.asarray(batch))
+                batch = []
+                if len(out) == todo:
+                    return out
+        if partial and batch:
+            out.append(np.asarray(batch))
+        return out
+
+    # ------------------------------------------------------------------------------ iteration
+    def batch_indices(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch, as sample indices: the stream's batches."""
+        self.samples  # noqa: B018 -- loads the split and its slots on first use
+        s = self._spec()
         if not self.train:
-            return np.arange(n)[self.rank :: self.world_size]
-        order = epoch_permutation(n, self.seed, self.epoch)
-        return order[self.rank :: self.world_size][: self.batches_per_epoch * self.batch_size]
+            ids = s.rank_shards()
+            batches = self._take(self._slots_of(ids), s.batches_per_epoch, partial=True)
+            return batches + self._take(self._passes(ids, 0), s.batches_per_epoch - len(batches))
+        per_stream = [self._take(self._passes(s.stream_shards(lg), sample_seed(s.seed, s.epoch, s.rank, lg,
+                                                                                "shuffle")), s.quota(lg))
+                      for lg in range(s.n_streams)]
+        return [per_stream[k % s.n_streams][k // s.n_streams] for k in range(s.batches_per_epoch)]
 
     def _batch(self, idx: np.ndarray) -> dict[str, Any]:
         samples = self.samples
         return self.collate([self.decoder.augment(samples[i], self.epoch) for i in idx.tolist()])
 
-    # ------------------------------------------------------------------------------ iteration
-    def batch_indices(self) -> list[np.ndarray]:
-        """This rank's batches of the current epoch, as sample indices."""
-        idx, b, n = self._rank_indices(), self.batch_size, self.batches_per_epoch
-        batches = [idx[k : k + b] for k in range(0, len(idx), b)]
-        while len(batches) < n:  # evaluation, a short rank: full batches from its start
-            batches.append(np.resize(idx, b))
-        return batches
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.train:  # evaluation always starts from its first batch, as the stream's does: every
+            self.batches_done = 0  # validation cut short by limit_val_batches sees the same batches
         if self.batches_done >= self.batches_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
+        # A DataLoader iterator draws its workers' base seed from torch's global generator; draw it too, so the
+        # run's later random numbers (a generator's class dropout for CFG) are the ones the stream's run draws.
+        torch.empty((), dtype=torch.int64).random_()
         batches = self.batch_indices()
         return self._iterate(batches[self.batches_done :], len(batches))
 
@@ -142,16 +210,18 @@ class MemoryLoader:
     # ------------------------------------------------------------------------------ Lightning's _Stateful
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size,
-                "seed": self.seed, "corrupt": self.corrupt, "in_memory": True}
+                "n_streams": self.n_streams, "seed": self.seed, "corrupt": self.corrupt, "in_memory": True}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
-        same = (state.get("in_memory") and state.get("world_size") == self.world_size
-                and state.get("seed") == self.seed)
+        # the stream's state resumes exactly too (the same batches); a state without n_streams is an older
+        # in-memory loader's, whose epochs were a full permutation
+        same = (state.get("world_size") == self.world_size and state.get("seed") == self.seed
+                and state.get("n_streams") == self.n_streams)
         if same:
             self.batches_done = int(state["batches_done"])
         else:
-            log.warning("%s: resumed from a %s with a different layout (in-memory, world size or seed); epoch %d "
-                        "restarts from its first batch", self.name,
+            log.warning("%s: resumed from a %s with a different layout (world size, workers or seed, or an older "
+                        "in-memory loader); epoch %d restarts from its first batch", self.name,
                         "stream" if not state.get("in_memory") else "loader", self.epoch)
             self.batches_done = 0

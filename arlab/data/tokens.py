@@ -89,7 +89,7 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
         val_batch_size: int = 0  # 0: batch_size
         num_workers: int = 1
         shuffle_buffer: int = 2000
-        in_memory: bool = False  # decode each split once and batch from memory, in-process (data/memory.py)
+        in_memory: bool = False  # the stream's batches, each split decoded once, in-process (data/memory.py)
 
         def __post_init__(self) -> None:
             for key, lo in (("batch_size", 1), ("val_batch_size", 0), ("num_workers", 0), ("shuffle_buffer", 0)):
@@ -154,7 +154,8 @@ class TokenDataModule(ManifestInfo, pl.LightningDataModule):
             return MemoryLoader([str(self.root / s["name"]) for s in info["shards"]],
                                 [s["count"] for s in info["shards"]], batch_size=bs, seed=self.seed, rank=rank,
                                 world_size=world, decoder=TokenDecoder(), collate=collate_tokens, train=train,
-                                name=f"{self.manifest['name']}-tokens/{split}")
+                                name=f"{self.manifest['name']}-tokens/{split}", num_workers=self.cfg.num_workers,
+                                shuffle_buffer=self.cfg.shuffle_buffer)
         return ShardLoader([str(self.root / s["name"]) for s in info["shards"]], [s["count"] for s in info["shards"]],
                            batch_size=bs, seed=self.seed, rank=rank, world_size=world,
                            num_workers=self.cfg.num_workers, shuffle_buffer=self.cfg.shuffle_buffer,

@@ -1,28 +1,37 @@
-"""``data.in_memory``: the split decoded once and batched from memory keeps the stream's contract (exact balance,
-per-epoch order and flips, exact resume, corrupt samples counted) and yields the stream's batch format."""
+"""``data.in_memory``: the split decoded once and batched from memory yields exactly the stream's batches (same
+samples, order and flips for any ranks, workers, shuffle buffer and corrupt samples), so it keeps the stream's
+contract (exact balance, per-epoch order, exact resume, corrupt samples counted)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from arlab.data.datamodule import ImageDecoder, ShardDataModule, collate_images
-from arlab.data.memory import MemoryLoader, epoch_permutation
+from arlab.data.memory import MemoryLoader
 from arlab.data.shards import iter_shard, read_manifest
 from arlab.data.tokens import TokenDataModule, TokenDecoder, collate_tokens, decode_tokens
 from arlab.errors import DataError
 from tests.data.test_stream import check_keys_labels_captions, keys, loader
 
 
-def mem(root, *, rank=0, world=1, bs=4, seed=0, flip=0.5, train=True):
+def mem(root, *, rank=0, world=1, workers=0, bs=4, seed=0, flip=0.5, train=True, buffer=16):
+    """The in-memory twin of ``test_stream.loader`` (the same arguments)."""
     m = read_manifest(root)
     info = m["splits"]["train"]
     return MemoryLoader([str(root / s["name"]) for s in info["shards"]], [s["count"] for s in info["shards"]],
                         batch_size=bs, seed=seed, rank=rank, world_size=world,
-                        decoder=ImageDecoder(8, flip if train else 0.0, seed), collate=collate_images, train=train)
+                        decoder=ImageDecoder(8, flip if train else 0.0, seed), collate=collate_images, train=train,
+                        num_workers=workers, shuffle_buffer=buffer)
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g["key"] == w["key"], i
+        assert torch.equal(g["image"], w["image"]) and torch.equal(g["label"], w["label"]), i
+        assert g["caption"] == w["caption"], i
 
 
 def test_batches_have_the_streams_format_and_pixels(image_shards):
@@ -39,13 +48,40 @@ def test_batches_have_the_streams_format_and_pixels(image_shards):
     assert len(set(keys(batches))) == 28  # 7 full batches, no sample twice
 
 
-def test_an_epoch_is_the_seeded_permutation_and_epochs_differ(image_shards):
+@pytest.mark.parametrize("world,workers,buffer", [(1, 0, 16), (1, 1, 2000), (1, 2, 5), (2, 2, 16), (3, 1, 0)])
+def test_every_epoch_is_the_streams_batches(image_shards, world, workers, buffer):
+    """Batch for batch, two epochs, every rank: the same keys, pixels (flips), labels and captions as the shard
+    stream with the same seed, ranks, workers and shuffle buffer (uneven shards, a corrupt sample)."""
+    root = image_shards([10, 10, 7, 3, 9, 12], corrupt_keys=("k000004",))
+    for r in range(world):
+        a = mem(root, rank=r, world=world, workers=workers, buffer=buffer, seed=3)
+        b = loader(root, rank=r, world=world, workers=workers, buffer=buffer, seed=3)
+        assert a.n_streams == b.n_streams and len(a) == len(b)
+        for _ in range(2):
+            assert_same_batches(list(a), list(b))
+        assert a.epoch == b.epoch == 2 and a.corrupt == 1
+
+
+def test_the_global_random_stream_is_the_streams(image_shards):
+    """A DataLoader iterator draws a base seed from torch's global generator: the in-memory loader draws it too,
+    so what a run draws afterwards (e.g. CFG class dropout) does not depend on in_memory."""
+    root = image_shards([10, 10])
+    after = []
+    for make in (mem, loader):
+        ld = make(root, workers=1)
+        torch.manual_seed(11)
+        it = iter(ld)
+        next(it)
+        list(iter(make(root, train=False)))
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
+def test_epochs_differ_and_seeds_differ(image_shards):
     root = image_shards([10, 10, 12])
     ld = mem(root, seed=5, flip=0.0)
     e0, e1 = keys(list(ld)), keys(list(ld))
-    assert e0 == [f"k{i:06d}" for i in epoch_permutation(32, 5, 0)[:32].tolist()]
-    assert e1 == [f"k{i:06d}" for i in epoch_permutation(32, 5, 1)[:32].tolist()]
-    assert e0 != e1 and sorted(e0) == sorted(e1)
+    assert e0 != e1 and sorted(e0) == sorted(e1) and len(set(e0)) == 32
     assert keys(list(mem(root, seed=5, flip=0.0))) == e0  # a new loader, the same seed: the same order
     assert keys(list(mem(root, seed=6, flip=0.0))) != e0
 
@@ -66,31 +102,32 @@ def test_flips_are_the_streams_flips(image_shards):
     assert 0.2 < np.mean(flipped) < 0.8
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_get_equal_batches_and_disjoint_samples(image_shards, world):
-    root = image_shards([10, 10, 7, 3, 9])  # 39 samples
-    per_rank = [list(mem(root, rank=r, world=world, bs=4)) for r in range(world)]
-    expected = 39 // (world * 4)
-    assert [len(b) for b in per_rank] == [expected] * world
-    drawn = [set(keys(b)) for b in per_rank]
-    assert all(len(d) == expected * 4 for d in drawn)  # no sample twice within a rank's epoch
-    for i in range(world):
-        for j in range(i + 1, world):
-            assert not drawn[i] & drawn[j]
-
-
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_evaluation_covers_every_sample_in_order_with_equal_batch_counts(image_shards, world):
+def test_evaluation_is_the_streams_and_covers_every_sample_once(image_shards, world):
     root = image_shards([10, 10, 7, 3, 9])  # 39 samples
     per_rank = [list(mem(root, rank=r, world=world, bs=4, train=False)) for r in range(world)]
-    expected = math.ceil(math.ceil(39 / world) / 4)  # the largest rank's batches
-    assert [len(b) for b in per_rank] == [expected] * world
     for r, batches in enumerate(per_rank):
-        own = [f"k{i:06d}" for i in range(r, 39, world)]
-        assert keys(batches)[: len(own)] == own  # manifest order, once, then padding from the start
-        assert all(len(b["key"]) == 4 for b in batches[-(-len(own) // 4):])  # pad batches are full
+        assert_same_batches(batches, list(loader(root, rank=r, world=world, bs=4, train=False)))
+    assert len({len(b) for b in per_rank}) == 1  # equal batch counts (short ranks pad with full batches)
+    counts = [10, 10, 7, 3, 9]
+    own = [sum(counts[r::world]) for r in range(world)]  # rank r reads shards r::W, once, in manifest order
+    firsts = [k for r, batches in enumerate(per_rank) for k in keys(batches)[: own[r]]]
+    assert sorted(firsts) == [f"k{i:06d}" for i in range(39)]
     if world == 1:
         assert keys(per_rank[0]) == [f"k{i:06d}" for i in range(39)]  # the last batch partial (3)
+
+
+def test_every_evaluation_pass_starts_from_the_first_batch(image_shards):
+    """Lightning cuts validation short (limit_val_batches, the sanity check): the next pass starts again from
+    the first batch, as the stream's does, so every validation scores the same samples."""
+    root = image_shards([10, 10, 7])
+    a, b = mem(root, train=False), loader(root, train=False)
+    for ld in (a, b):
+        it = iter(ld)
+        next(it), next(it)  # a sanity check of 2 batches
+    first_a, first_b = list(a)[:3], list(b)[:3]
+    assert_same_batches(first_a, first_b)
+    assert keys(first_a) == [f"k{i:06d}" for i in range(12)]
 
 
 @pytest.mark.parametrize("stop", [1, 5, 7])
@@ -109,15 +146,33 @@ def test_resume_mid_epoch_is_exact(image_shards, stop):
     assert got == ref[: len(got)] and len(got) == 16
 
 
-def test_resume_from_a_stream_state_restarts_the_epoch(image_shards, caplog):
-    root = image_shards([8, 8])
-    stream = loader(root)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_state_resumes_exactly_in_memory(image_shards, workers):
+    """The batches are the stream's, so a run can switch in_memory on when it resumes, mid-epoch."""
+    root = image_shards([8, 8, 8, 8])
+    stream = loader(root, workers=workers)
     it = iter(stream)
-    next(it), next(it)
-    ld = mem(root)
+    seen = [next(it) for _ in range(3)]
+    ld = mem(root, workers=workers)
     ld.load_state_dict(stream.state_dict())
-    assert ld.batches_done == 0 and len(list(ld)) == 4
+    assert ld.batches_done == 3
+    ref = loader(root, workers=workers)
+    assert_same_batches(seen + list(ld) + list(ld), list(ref) + list(ref))  # the rest of epoch 0, then epoch 1
+
+
+def test_another_layout_restarts_the_epoch(image_shards, caplog):
+    root = image_shards([8, 8])
+    a = mem(root, workers=1)
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()
+    b = mem(root, workers=2)  # another logical-stream count: another order
+    b.load_state_dict(state)
+    assert b.batches_done == 0 and len(list(b)) == 4
     assert any("different layout" in r.message for r in caplog.records)
+    c = mem(root)
+    c.load_state_dict({k: v for k, v in state.items() if k != "n_streams"})  # an older in-memory loader's state
+    assert c.batches_done == 0
 
 
 def test_corrupt_samples_are_skipped_and_counted(image_shards, caplog):
@@ -137,20 +192,17 @@ def test_too_few_samples_is_a_clear_error(image_shards):
         len(mem(root))
 
 
-def test_datamodule_in_memory_gives_the_streams_samples(image_shards):
-    root = image_shards([10, 10])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_datamodule_in_memory_gives_the_streams_batches(image_shards, workers):
+    root = image_shards([10, 10, 6])
     make = lambda in_memory: ShardDataModule(ShardDataModule.Config(  # noqa: E731
-        root=str(root), image_size=8, batch_size=4, num_workers=1, val_split="", flip=0.0, in_memory=in_memory))
+        root=str(root), image_size=8, batch_size=4, num_workers=workers, shuffle_buffer=7, val_split="",
+        in_memory=in_memory), seed=4)
     dm, ref = make(True), make(False)
     ld = dm.train_dataloader()
     assert isinstance(ld, MemoryLoader) and ld.num_workers == 0
-    assert len(ld) == len(ref.train_dataloader()) == 5
-    got, want = list(ld), list(ref.train_dataloader())
-    by_key = {k: img for b in want for k, img in zip(b["key"], b["image"])}
-    assert sorted(keys(got)) == sorted(by_key)  # 20 samples, 5 full batches: the same set, another order
-    for b in got:
-        for k, img in zip(b["key"], b["image"]):
-            assert torch.equal(img, by_key[k])
+    assert len(ld) == len(ref.train_dataloader()) == 6
+    assert_same_batches(list(ld), list(ref.train_dataloader()))
 
 
 def test_token_decoder_and_token_datamodule_in_memory(tmp_path):
@@ -173,9 +225,8 @@ def test_token_decoder_and_token_datamodule_in_memory(tmp_path):
     got, want = list(dm.train_dataloader()), list(ref.train_dataloader())
     assert len(got) == len(want) == 3
     assert got[0]["tokens"].dtype == want[0]["tokens"].dtype == torch.int64 and got[0]["tokens"].shape == (8, 4)
-    rows = lambda bs: sorted((k, t.tolist(), int(y)) for b in bs  # noqa: E731
-                             for k, t, y in zip(b["key"], b["tokens"], b["label"]))
-    assert rows(got) == rows(want)
+    for g, w in zip(got, want):  # batch for batch, the stream's
+        assert g["key"] == w["key"] and torch.equal(g["tokens"], w["tokens"]) and torch.equal(g["label"], w["label"])
     val = list(dm.val_dataloader())
     assert keys(val) == [f"test{j:03d}" for j in range(6)]
     raw = next(iter_shard(next((root / "train").glob("*.tar"))))
