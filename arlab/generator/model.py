@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from arlab.backbone.base import Backbone, check_serves
 from arlab.conditioner.base import Conditioner
 from arlab.generator.decoding import DecodeStep, Decoding, StatePool, sample_recompute, with_padding
-from arlab.generator.layout import Layout
+from arlab.generator.layout import Layout, take
 from arlab.generator.linear_ce import linear_cross_entropy
 from arlab.generator.sampling import Guidance, check_schedule, draw
 from arlab.order.base import Order, OrderPlan
@@ -205,7 +205,7 @@ class Generator(nn.Module):
 
     def _slots_to_tokens(self, x_blk: Tensor) -> Tensor:
         """Per target slot (B, L, s², ...) → per token (B, N, ...)."""
-        return self.layout.tokens(x_blk[:, self.inv_perm])
+        return self.layout.tokens(take(x_blk, self.inv_perm))
 
     def _shape(self, x_bn: Tensor) -> Tensor:
         return x_bn.unflatten(1, self.grid) if self.grid is not None else x_bn
@@ -222,7 +222,7 @@ class Generator(nn.Module):
         prefix, vec, valid = self._condition(cond, bias)
         x = self.order.token_inputs(codes_bn) if self.order.continuous else self.tok_embedding(codes_bn)
         cells = self.shuffle.shuffle_windows(self.layout.windows(x))  # (B, C, d)
-        inp = cells[:, self.in_cells[1:]]
+        inp = take(cells, self.in_cells[1:])
         if bias is not None:
             inp = inp + bias[1:]
         seq = self.token_drop(torch.cat([prefix.to(inp.dtype), inp], dim=1))  # (B, P + L - 1, d)

@@ -58,6 +58,43 @@ def test_rope_2d_rotates_rows_and_columns_and_identity_for_prefix():
     assert torch.allclose(out.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # rotations keep the norm
 
 
+def _rope_pairs(x, cos, sin):
+    """The definition: adjacent pairs (x0, x1) → (x0·cos − x1·sin, x0·sin + x1·cos)."""
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
+
+
+@pytest.mark.parametrize("case", ["contiguous", "qkv-split", "per-sample", "odd-offset"])
+def test_rope_complex_path_is_the_pairwise_rotation(case):
+    """The eager path (complex multiply) equals the pairwise definition forward and backward, to float32 rounding
+    (the same bits at most shapes; 1 ulp apart in a few elements at some), for the layouts attention hands it (a
+    slice of the fused qkv projection, an odd storage offset) and per-sample positions."""
+    torch.manual_seed(0)
+    b, h, L, d = 3, 2, 5, 8
+    cos, sin = rope_2d(torch.arange(L) // 2, torch.arange(L) % 2, d)
+    if case == "per-sample":
+        cos, sin = rope_2d(torch.randint(0, 4, (b * L,)), torch.randint(0, 4, (b * L,)), d)
+        cos, sin = cos.view(b, L, -1), sin.view(b, L, -1)
+    base = torch.randn(b, L, 3 * h * d + 1, requires_grad=True)
+    start = 1 if case == "odd-offset" else 0  # a storage offset view_as_complex cannot take as is
+    if case in ("qkv-split", "odd-offset"):
+        x = base[..., start + h * d: start + 2 * h * d].unflatten(-1, (h, d)).transpose(1, 2)  # k of a fused qkv
+    else:
+        x = base[..., :h * d].unflatten(-1, (h, d)).transpose(1, 2).contiguous()
+    g = torch.randn(b, h, L, d)
+    outs = []
+    for fn in (apply_rope, _rope_pairs):
+        base.grad = None
+        y = fn(x, cos, sin)
+        y.backward(g)
+        outs.append((y.detach(), base.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(outs[0][0], x)  # it rotates
+
+
 def test_rope_scores_depend_only_on_relative_position():
     d = 16
     q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
