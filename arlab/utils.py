@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import io
 import os
+import queue
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,3 +197,49 @@ def check_device(device: str) -> str:
     if callable(available) and available():
         return device
     raise ConfigError(f"device '{device}' is not available on this machine (use cpu)")
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of ``items`` in order, produced by a background thread up to ``depth`` ahead: Python-side reading
+    (tar parsing, PNG decoding) overlaps the consumer's torch kernels, which release the GIL. An exception in the
+    thread is raised here, at the item where it happened; a consumer that stops early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            put(_Raised(e))
+            return
+        put(end)
+
+    thread = threading.Thread(target=work, name="arlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, _Raised):
+                raise x.exc
+            yield x
+    finally:
+        stop.set()
+        thread.join()

@@ -36,7 +36,7 @@ from arlab.data.shards import (
 )
 from arlab.errors import DataError
 from arlab.tokenizer.load import load_tokenizer
-from arlab.utils import atomic_dir, same_or_nested
+from arlab.utils import atomic_dir, prefetched, same_or_nested
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -98,7 +98,8 @@ def _tokenize(ckpt: str | Path, src: str | Path, out: Path, build: Path, splits:
         bar = tqdm(total=total, desc=f"tokenize {split}", unit="tok-img", disable=not progress, smoothing=0.1)
         t0 = time.perf_counter()
         with ShardWriter(build / split, shard_size=shard_size) as writer:
-            for samples in _decoded_batches(root, split, info, decode, batch_size, manifest["corrupt"]):
+            # decoding (tar parsing, PNG) in a background thread, one batch ahead of the encoder
+            for samples in prefetched(_decoded_batches(root, split, info, decode, batch_size, manifest["corrupt"])):
                 x = collate_images(samples)["image"].to(device)
                 for view, suffix in [(x, "")] + ([(x.flip(-1), "_f")] if flip else []):
                     tokens = tok.flatten_indices(tok.tokenize(view)).cpu().numpy().astype(dtype)
