@@ -228,6 +228,10 @@ def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         except BaseException as e:  # noqa: BLE001 -- handed to the consumer
             put(_Raised(e))
             return
+        finally:  # a source left suspended by an early stop closes now (its open files), not at garbage collection
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
         put(end)
 
     thread = threading.Thread(target=work, name="arlab-prefetch", daemon=True)

@@ -26,8 +26,10 @@ def test_the_producer_runs_ahead_of_a_slow_consumer():
 
     it = prefetched(produce(), depth=2)
     assert next(it) == 0
-    time.sleep(0.3)
-    assert len(made) >= 3  # the item in hand, plus up to depth queued (2) while the consumer slept
+    deadline = time.monotonic() + 10
+    while len(made) < 3 and time.monotonic() < deadline:  # the item in hand, plus 2 queued while we wait
+        time.sleep(0.01)
+    assert len(made) >= 3
     assert list(it) == [1, 2, 3, 4]
 
 
@@ -44,9 +46,18 @@ def test_an_exception_in_the_producer_is_raised_at_its_item():
     assert got == [1, 2]
 
 
-def test_a_consumer_that_stops_early_stops_the_thread():
-    before = threading.active_count()
-    it = prefetched(iter(range(10**9)), depth=2)
+@pytest.mark.timeout(60)
+def test_a_consumer_that_stops_early_stops_the_thread_and_closes_the_source():
+    closed = []
+
+    def produce():
+        try:
+            yield from range(10**9)
+        finally:
+            closed.append(True)
+
+    it = prefetched(produce(), depth=2)
     assert next(it) == 0
     it.close()  # the generator's finally: stop, join
-    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "arlab-prefetch" and t.is_alive()]
+    assert closed == [True]

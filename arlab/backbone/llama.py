@@ -76,7 +76,8 @@ def apply_rope(x_bhld: Tensor, cos_ld: Tensor, sin_ld: Tensor) -> Tensor:
         out = torch.stack([x0 * cos_ld - x1 * sin_ld, x0 * sin_ld + x1 * cos_ld], dim=-1)
         return out.flatten(-2).type_as(x_bhld)
     if x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
-        x = x.contiguous()  # view_as_complex needs (re, im) adjacent and every other stride even
+        x = x.clone(memory_format=torch.contiguous_format)  # view_as_complex needs (re, im) adjacent, every other
+        # stride even and an even storage offset: a fresh copy has all three (.contiguous() may return x itself)
     rot = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos_ld.float(), sin_ld.float())
     return torch.view_as_real(rot).flatten(-2).type_as(x_bhld)
 

@@ -29,8 +29,9 @@ two loaders batch for batch, with uneven shards, several ranks and workers, and 
   Every ``iter()`` starts from the first batch, so a validation cut short (``limit_val_batches``) always
   sees the same batches.
 * **Resume.** ``state_dict`` is ``(epoch, batches_done)``; a resumed epoch skips the batches done, so the
-  rest of the epoch is the one an uninterrupted run would have seen. A stream's state resumes the same way
-  (so a run can switch ``in_memory`` on or off when it resumes).
+  rest of the epoch is the one an uninterrupted run would have seen. It also holds each logical stream's
+  position (raw samples taken, corrupt ones included), as the stream's state does, so a run can switch
+  ``in_memory`` on or off when it resumes, either way, mid-epoch.
 
 A decoder is an object with ``load(raw) -> sample | None`` and ``augment(sample, epoch) -> sample``
 (:class:`arlab.data.datamodule.ImageDecoder`, :class:`arlab.data.tokens.TokenDecoder`).
@@ -82,6 +83,7 @@ class MemoryLoader:
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.num_workers = 0  # no worker process: batches are built in the training process
         self.epoch, self.batches_done = 0, 0
+        self.positions: dict[int, int] = {}  # logical stream -> raw samples taken this epoch (the stream's state)
         self.corrupt = 0  # samples skipped as corrupt when the split was loaded
         self._samples: list[dict[str, Any]] | None = None
         self._slots: list[list[int]] = []  # per shard: sample index of each raw sample, -1 if corrupt
@@ -151,38 +153,46 @@ class MemoryLoader:
                 raise DataError(f"{self.name}: no readable samples in shards "
                                 f"{[self.shards[i] for i in shard_ids]}")
 
-    def _take(self, slots: Iterator[int], todo: int, partial: bool = False) -> list[np.ndarray]:
-        """At most ``todo`` batches of valid sample indices (corrupt slots skipped), as the stream batches."""
-        out: list[np.ndarray] = []
+    def _take(self, slots: Iterator[int], todo: int, partial: bool = False) -> list[tuple[np.ndarray, int]]:
+        """At most ``todo`` batches of valid sample indices (corrupt slots skipped), as the stream batches them,
+        each with its stream position: the raw samples taken from ``slots`` up to its end (corrupt ones too)."""
+        out: list[tuple[np.ndarray, int]] = []
         batch: list[int] = []
+        pos = 0
         if todo <= 0:
             return out
         for slot in slots:
+            pos += 1
             if slot < 0:
                 continue
             batch.append(slot)
             if len(batch) == self.batch_size:
-                out.append(np.asarray(batch))
+                out.append((np.asarray(batch), pos))
                 batch = []
                 if len(out) == todo:
                     return out
         if partial and batch:
-            out.append(np.asarray(batch))
+            out.append((np.asarray(batch), pos))
         return out
 
     # ------------------------------------------------------------------------------ iteration
-    def batch_indices(self) -> list[np.ndarray]:
-        """This rank's batches of the current epoch, as sample indices: the stream's batches."""
+    def _epoch_batches(self) -> list[tuple[int, np.ndarray, int]]:
+        """This rank's batches of the current epoch as (logical stream, sample indices, stream position)."""
         self.samples  # noqa: B018 -- loads the split and its slots on first use
         s = self._spec()
         if not self.train:
             ids = s.rank_shards()
-            batches = self._take(self._slots_of(ids), s.batches_per_epoch, partial=True)
-            return batches + self._take(self._passes(ids, 0), s.batches_per_epoch - len(batches))
+            first = self._take(self._slots_of(ids), s.batches_per_epoch, partial=True)
+            pad = self._take(self._passes(ids, 0), s.batches_per_epoch - len(first))
+            return [(0, idx, pos) for idx, pos in first + pad]
         per_stream = [self._take(self._passes(s.stream_shards(lg), sample_seed(s.seed, s.epoch, s.rank, lg,
                                                                                 "shuffle")), s.quota(lg))
                       for lg in range(s.n_streams)]
-        return [per_stream[k % s.n_streams][k // s.n_streams] for k in range(s.batches_per_epoch)]
+        return [(k % s.n_streams, *per_stream[k % s.n_streams][k // s.n_streams]) for k in range(s.batches_per_epoch)]
+
+    def batch_indices(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch, as sample indices: the stream's batches."""
+        return [idx for _, idx, _ in self._epoch_batches()]
 
     def _batch(self, idx: np.ndarray) -> dict[str, Any]:
         samples = self.samples
@@ -190,26 +200,28 @@ class MemoryLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.train:  # evaluation always starts from its first batch, as the stream's does: every
-            self.batches_done = 0  # validation cut short by limit_val_batches sees the same batches
+            self.batches_done, self.positions = 0, {}  # validation cut short by limit_val_batches sees the same batches
         if self.batches_done >= self.batches_per_epoch:
-            self.epoch, self.batches_done = self.epoch + 1, 0
+            self.epoch, self.batches_done, self.positions = self.epoch + 1, 0, {}
         # A DataLoader iterator draws its workers' base seed from torch's global generator; draw it too, so the
         # run's later random numbers (a generator's class dropout for CFG) are the ones the stream's run draws.
         torch.empty((), dtype=torch.int64).random_()
-        batches = self.batch_indices()
+        batches = self._epoch_batches()
         return self._iterate(batches[self.batches_done :], len(batches))
 
-    def _iterate(self, todo: list[np.ndarray], n_batches: int) -> Iterator[dict[str, Any]]:
-        for idx in todo:
+    def _iterate(self, todo: list[tuple[int, np.ndarray, int]], n_batches: int) -> Iterator[dict[str, Any]]:
+        for stream, idx, pos in todo:
             batch = self._batch(idx)
+            self.positions[stream] = pos  # where the stream's logical stream would stand: its state resumes us
             self.batches_done += 1
             if self.batches_done >= n_batches:  # epoch done: the next iter() starts e+1
-                self.epoch, self.batches_done = self.epoch + 1, 0
+                self.epoch, self.batches_done, self.positions = self.epoch + 1, 0, {}
             yield batch
 
     # ------------------------------------------------------------------------------ Lightning's _Stateful
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self.world_size,
+        return {"epoch": self.epoch, "batches_done": self.batches_done,
+                "positions": {str(k): v for k, v in self.positions.items()}, "world_size": self.world_size,
                 "n_streams": self.n_streams, "seed": self.seed, "corrupt": self.corrupt, "in_memory": True}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,8 +232,9 @@ class MemoryLoader:
                 and state.get("n_streams") == self.n_streams)
         if same:
             self.batches_done = int(state["batches_done"])
+            self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
         else:
             log.warning("%s: resumed from a %s with a different layout (world size, workers or seed, or an older "
                         "in-memory loader); epoch %d restarts from its first batch", self.name,
                         "stream" if not state.get("in_memory") else "loader", self.epoch)
-            self.batches_done = 0
+            self.batches_done, self.positions = 0, {}

@@ -66,7 +66,7 @@ def _rope_pairs(x, cos, sin):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
 
 
-@pytest.mark.parametrize("case", ["contiguous", "qkv-split", "per-sample", "odd-offset"])
+@pytest.mark.parametrize("case", ["contiguous", "qkv-split", "per-sample", "odd-offset", "odd-offset-contiguous"])
 def test_rope_complex_path_is_the_pairwise_rotation(case):
     """The eager path (complex multiply) equals the pairwise definition forward and backward, to float32 rounding
     (the same bits at most shapes; 1 ulp apart in a few elements at some), for the layouts attention hands it (a
@@ -81,6 +81,8 @@ def test_rope_complex_path_is_the_pairwise_rotation(case):
     start = 1 if case == "odd-offset" else 0  # a storage offset view_as_complex cannot take as is
     if case in ("qkv-split", "odd-offset"):
         x = base[..., start + h * d: start + 2 * h * d].unflatten(-1, (h, d)).transpose(1, 2)  # k of a fused qkv
+    elif case == "odd-offset-contiguous":  # contiguous, yet an odd storage offset: .contiguous() would not copy it
+        x = base.flatten()[1:1 + b * h * L * d].view(b, h, L, d)
     else:
         x = base[..., :h * d].unflatten(-1, (h, d)).transpose(1, 2).contiguous()
     g = torch.randn(b, h, L, d)

@@ -160,6 +160,23 @@ def test_a_stream_state_resumes_exactly_in_memory(image_shards, workers):
     assert_same_batches(seen + list(ld) + list(ld), list(ref) + list(ref))  # the rest of epoch 0, then epoch 1
 
 
+@pytest.mark.parametrize("workers,stop", [(0, 3), (2, 3), (2, 4)])
+def test_an_in_memory_state_resumes_exactly_in_the_stream(image_shards, workers, stop):
+    """The other way: an in-memory checkpoint carries each logical stream's position (raw samples taken,
+    corrupt ones included), so the stream resumes it mid-epoch with the batches an uninterrupted run sees."""
+    root = image_shards([8, 9, 8, 8], corrupt_keys=("k000010",))
+    ld = mem(root, workers=workers)
+    it = iter(ld)
+    seen = [next(it) for _ in range(stop)]
+    state = ld.state_dict()
+    assert state["batches_done"] == stop and state["positions"]
+    stream = loader(root, workers=workers)
+    stream.load_state_dict(state)
+    assert stream.batches_done == stop
+    ref = loader(root, workers=workers)
+    assert_same_batches(seen + list(stream) + list(stream), list(ref) + list(ref))
+
+
 def test_another_layout_restarts_the_epoch(image_shards, caplog):
     root = image_shards([8, 8])
     a = mem(root, workers=1)
