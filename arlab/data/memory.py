@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from arlab.data.stream import StreamSpec, _read_shards, _ShuffleBuffer, sample_seed
+from arlab.data.stream import StreamSpec, _read_shards, sample_seed, shuffled_passes, stream_layout
 from arlab.errors import DataError
 
 log = logging.getLogger("arlab.data")
@@ -71,15 +71,12 @@ class MemoryLoader:
                  name: str = "train", num_workers: int = 0, shuffle_buffer: int = 0):
         if not 0 <= rank < world_size:
             raise DataError(f"{name}: rank {rank} is not in [0, {world_size})")
-        if len(shards) < world_size:
-            raise DataError(f"{name}: {len(shards)} shard(s) cannot feed {world_size} ranks (each rank reads "
-                            f"distinct shards); repack with a smaller --shard-size")
+        self.n_streams, self.batches_per_epoch = stream_layout(len(shards), counts, batch_size=batch_size,
+                                                               world_size=world_size, num_workers=num_workers,
+                                                               train=train, name=name)
         self.shards, self.counts = shards, counts
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.decoder, self.collate, self.train, self.name = decoder, collate, train, name
-        # the stream's layout (stream.ShardLoader): logical streams per rank, capped by the rank's shards
-        workers = num_workers if train else min(num_workers, 1)
-        self.n_streams = max(1, min(workers, len(shards) // world_size)) if workers > 0 else 1
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.num_workers = 0  # no worker process: batches are built in the training process
         self.epoch, self.batches_done = 0, 0
@@ -118,19 +115,6 @@ class MemoryLoader:
             self._samples, self._slots = samples, slots
         return self._samples
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """From the manifest's counts, as the stream computes it (corrupt samples are replaced, not dropped)."""
-        w, b = self.world_size, self.batch_size
-        if self.train:
-            batches = sum(self.counts) // (w * b)
-        else:  # every rank can compute every rank's share from the manifest: size for the largest
-            batches = max(-(-sum(self.counts[r::w]) // b) for r in range(w))
-        if batches == 0:
-            raise DataError(f"{self.name}: {sum(self.counts)} samples are fewer than one batch of {b} on each "
-                            f"of {w} rank(s)")
-        return batches
-
     def __len__(self) -> int:
         return self.batches_per_epoch
 
@@ -143,15 +127,9 @@ class MemoryLoader:
         return itertools.chain.from_iterable(self._slots[i] for i in shard_ids)
 
     def _passes(self, shard_ids: list[int], seed: int) -> Iterator[int]:
-        """The slots of :func:`arlab.data.stream._passes`: shuffled passes over the shards, forever."""
-        for n in itertools.count():
-            empty = True
-            for slot in _ShuffleBuffer(self._slots_of(shard_ids), self.shuffle_buffer, sample_seed(seed, n)):
-                empty = False
-                yield slot
-            if empty:
-                raise DataError(f"{self.name}: no readable samples in shards "
-                                f"{[self.shards[i] for i in shard_ids]}")
+        """The stream's shuffled passes (:func:`arlab.data.stream.shuffled_passes`) over these shards' slots."""
+        return shuffled_passes(lambda: self._slots_of(shard_ids), self.shuffle_buffer, seed,
+                               f"shards {[self.shards[i] for i in shard_ids]}")
 
     def _take(self, slots: Iterator[int], todo: int, partial: bool = False) -> list[tuple[np.ndarray, int]]:
         """At most ``todo`` batches of valid sample indices (corrupt slots skipped), as the stream batches them,
@@ -189,10 +167,6 @@ class MemoryLoader:
                                                                                 "shuffle")), s.quota(lg))
                       for lg in range(s.n_streams)]
         return [(k % s.n_streams, *per_stream[k % s.n_streams][k // s.n_streams]) for k in range(s.batches_per_epoch)]
-
-    def batch_indices(self) -> list[np.ndarray]:
-        """This rank's batches of the current epoch, as sample indices: the stream's batches."""
-        return [idx for _, idx, _ in self._epoch_batches()]
 
     def _batch(self, idx: np.ndarray) -> dict[str, Any]:
         samples = self.samples

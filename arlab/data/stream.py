@@ -119,17 +119,49 @@ def _read_shards(paths: list[str]) -> Iterator[dict[str, Any]]:
     yield from stream
 
 
-def _passes(paths: list[str], buffer: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Shuffled passes over ``paths``, forever: every sample once per pass, so a stream visits each
-    of its samples once before it wraps (a stream wraps only when its rank holds fewer samples than
-    the balanced per-rank share)."""
+def shuffled_passes(read: Callable[[], Iterator[Any]], buffer: int, seed: int, what: str) -> Iterator[Any]:
+    """Shuffled passes over what ``read()`` yields, forever: pass n through a shuffle buffer seeded with
+    ``(seed, n)``, every item once per pass, so a stream visits each of its samples once before it wraps (a
+    stream wraps only when its rank holds fewer samples than the balanced per-rank share). The in-memory
+    loader runs the same passes over sample slots (:mod:`arlab.data.memory`)."""
     for n in itertools.count():
         empty = True
-        for sample in _ShuffleBuffer(_read_shards(paths), buffer, sample_seed(seed, n)):
+        for item in _ShuffleBuffer(read(), buffer, sample_seed(seed, n)):
             empty = False
-            yield sample
+            yield item
         if empty:
-            raise RuntimeError(f"no readable samples in shards {paths}")
+            raise DataError(f"no readable samples in {what}")
+
+
+def _passes(paths: list[str], buffer: int, seed: int) -> Iterator[dict[str, Any]]:
+    """:func:`shuffled_passes` over the raw samples of the shards ``paths``."""
+    return shuffled_passes(lambda: _read_shards(paths), buffer, seed, f"shards {paths}")
+
+
+def stream_layout(n_shards: int, counts: list[int], *, batch_size: int, world_size: int, num_workers: int,
+                  train: bool, name: str) -> tuple[int, int]:
+    """(logical streams per rank, batches per epoch) of a split: the shard stream's layout, which the in-memory
+    loader keeps too. Streams are capped by the shards each rank holds (evaluation: one); a training epoch is
+    ``total // (W·B)`` full batches on every rank, an evaluation pass as many batches as the largest rank needs."""
+    if n_shards < world_size:
+        raise DataError(f"{name}: {n_shards} shard(s) cannot feed {world_size} ranks (each rank reads distinct "
+                        "shards); repack with a smaller --shard-size")
+    min_rank_shards = n_shards // world_size
+    if not train:  # evaluation: one ordered stream per rank (one background worker at most)
+        num_workers = min(num_workers, 1)
+    n_streams = max(1, min(num_workers, min_rank_shards)) if num_workers > 0 else 1
+    if num_workers > n_streams:
+        log.warning("%s: %d workers for %d shard(s) per rank; using %d", name, num_workers, min_rank_shards,
+                    n_streams)
+    total = sum(counts)
+    if train:
+        batches = total // (world_size * batch_size)
+    else:  # every rank can compute every rank's share from the manifest: size for the largest
+        batches = max(-(-sum(counts[r::world_size]) // batch_size) for r in range(world_size))
+    if batches == 0:
+        raise DataError(f"{name}: {total} samples are fewer than one batch of {batch_size} "
+                        f"on each of {world_size} rank(s)")
+    return n_streams, batches
 
 
 class ShardStream(IterableDataset):
@@ -218,29 +250,10 @@ class ShardLoader:
     def __init__(self, shards: list[str], counts: list[int], *, batch_size: int, seed: int, rank: int,
                  world_size: int, num_workers: int, shuffle_buffer: int, decode: Decode,
                  collate: Callable[[list[dict]], dict], train: bool = True, name: str = "train"):
-        if len(shards) < world_size:
-
-            raise DataError(
-                f"{name}: {len(shards)} shard(s) cannot feed {world_size} ranks (each rank reads "
-                f"distinct shards); repack with a smaller --shard-size"
-            )
-        min_rank_shards = len(shards) // world_size
-        if not train:  # evaluation: one ordered stream per rank (one background worker at most)
-            num_workers = min(num_workers, 1)
-        self.n_streams = max(1, min(num_workers, min_rank_shards)) if num_workers > 0 else 1
-        if num_workers > self.n_streams:
-            log.warning("%s: %d workers for %d shard(s) per rank; using %d", name, num_workers,
-                        min_rank_shards, self.n_streams)
+        self.n_streams, self.batches_per_epoch = stream_layout(len(shards), counts, batch_size=batch_size,
+                                                               world_size=world_size, num_workers=num_workers,
+                                                               train=train, name=name)
         self.num_workers = self.n_streams if num_workers > 0 else 0
-        total = sum(counts)
-        if train:
-            self.batches_per_epoch = total // (world_size * batch_size)
-        else:  # every rank can compute every rank's share from the manifest: size for the largest
-            self.batches_per_epoch = max(-(-sum(counts[r::world_size]) // batch_size) for r in range(world_size))
-        if self.batches_per_epoch == 0:
-
-            raise DataError(f"{name}: {total} samples are fewer than one batch of {batch_size} "
-                            f"on each of {world_size} rank(s)")
         self.shards, self.counts = shards, counts
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer = shuffle_buffer if train else 0
