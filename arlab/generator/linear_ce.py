@@ -36,11 +36,16 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
     return h.dtype
 
 
-def _chunk_stats(hc: Tensor, wc: Tensor, yc: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits (n, V) in ``acc``, their logsumexp (n,) and CE (n,) for one chunk."""
+def _chunk_stats(hc: Tensor, wc: Tensor, yc: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk's ``e = exp(logits − max)`` (n, V) in ``acc`` (the logits' buffer, overwritten), ``Σe`` (n,), the
+    logsumexp ``max + log Σe`` (n,) and CE (n,): one pass of ``exp``; the softmax is ``e / Σe``."""
     logits = (hc @ wc.T).to(acc)
-    lse = torch.logsumexp(logits, dim=-1)
-    return logits, lse, lse - logits.gather(1, yc[:, None]).squeeze(1)
+    target = logits.gather(1, yc[:, None]).squeeze(1)
+    top = logits.amax(-1, keepdim=True)
+    e = logits.sub_(top).exp_()
+    total = e.sum(-1)
+    lse = top.squeeze(1) + total.log()
+    return e, total, lse, lse - target
 
 
 class _LinearCE(torch.autograd.Function):
@@ -56,14 +61,8 @@ class _LinearCE(torch.autograd.Function):
         dw = torch.zeros(w_vd.shape, dtype=acc, device=w_vd.device)
         for a in range(0, n, chunk):
             hc, yc = hc_all[a:a + chunk], y_n[a:a + chunk]
-            logits = (hc @ wc.T).to(acc)  # (n_c, V)
-            target = logits.gather(1, yc[:, None]).squeeze(1)
-            # one pass of exp: e = exp(logits - max) in place, lse = max + log Σe, softmax = e / Σe
-            top = logits.amax(-1, keepdim=True)
-            e = logits.sub_(top).exp_()
-            total = e.sum(-1)
-            lse = top.squeeze(1) + total.log()
-            ce_n[a:a + chunk], lse_n[a:a + chunk] = lse - target, lse
+            e, total, lse, ce = _chunk_stats(hc, wc, yc, acc)  # e: (n_c, V)
+            ce_n[a:a + chunk], lse_n[a:a + chunk] = ce, lse
             g = e.mul_(((1.0 + 2.0 * z_weight * lse) / (n * total))[:, None])  # (n_c, V)
             g.scatter_add_(1, yc[:, None], g.new_full((yc.shape[0], 1), -1.0 / n))
             g = g.to(cdt)
@@ -103,7 +102,7 @@ def linear_cross_entropy(h_nd: Tensor, w_vd: Tensor, y_n: Tensor, chunk: int = 4
             return _LinearCE.apply(h_nd, w_vd, y_n, chunk, float(z_weight), cdt)
         acc = torch.float64 if h_nd.dtype == torch.float64 else torch.float32
         hc_all, wc = h_nd.to(cdt), w_vd.to(cdt)
-        stats = [_chunk_stats(hc_all[a:a + chunk], wc, y_n[a:a + chunk], acc)[1:]
+        stats = [_chunk_stats(hc_all[a:a + chunk], wc, y_n[a:a + chunk], acc)[2:]  # the same bits as training's
                  for a in range(0, h_nd.shape[0], chunk)]
         lse_n, ce_n = torch.cat([s[0] for s in stats]), torch.cat([s[1] for s in stats])
         return ce_n.mean() + z_weight * lse_n.pow(2).mean(), ce_n, lse_n

@@ -42,6 +42,19 @@ def test_equals_plain_cross_entropy_in_loss_and_gradients(dtype, tol, chunk, z):
         torch.testing.assert_close(linear_cross_entropy(h, w, y, chunk, z)[0], want.detach(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_training_and_evaluation_give_the_same_statistics(chunk):
+    """With and without gradients the loss, per-row CE and logsumexp are the same bits (one chunk routine)."""
+    torch.manual_seed(0)
+    h, w = torch.randn(50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    y = torch.randint(0, 30, (50,))
+    train = linear_cross_entropy(h, w, y, chunk, 1e-3)
+    with torch.no_grad():
+        ev = linear_cross_entropy(h, w, y, chunk, 1e-3)
+    for a, b in zip(train, ev):
+        assert torch.equal(a.detach(), b)
+
+
 def test_bad_shapes_and_chunk_are_refused():
     h, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
