@@ -21,6 +21,10 @@ It prints the median and mean step of each path in each round.
 
     python benchmarks/profile_train.py shapes/quickstart --data-paths stream,memory,cached --rounds 2
 
+``--variant OVERRIDES`` (repeatable) does the same for configurations: the fit steps of each variant, alternating.
+
+    python benchmarks/profile_train.py shapes/tokenizer-quick --variant "" --variant "tokenizer.autoencoder.attn=false"
+
 The upstream runs (the tokenizer and token shards of a generator) must exist: run the experiment once.
 ``--top`` prints the profiler's top operators of the model step.
 """
@@ -161,13 +165,35 @@ def compare_data_paths(name: str, overrides: list[str], paths: list[str], rounds
     bad = [p for p in paths if p not in DATA_PATHS]
     if bad:
         raise SystemExit(f"--data-paths: {', '.join(bad)} not in {', '.join(DATA_PATHS)}")
+    return alternate(name, {p: (overrides, p) for p in paths}, rounds, steps, warmup)
+
+
+def alternate(name: str, variants: dict[str, tuple[list[str], str]], rounds: int, steps: int,
+              warmup: int) -> list[tuple[int, str, float, float]]:
+    """(round, label, median s, mean s) of fit steps after ``warmup``; ``variants`` maps a label to (overrides,
+    data path), run in turn in every round, so that the machine's drift hits each alike."""
     rows = []
     for r in range(rounds):
-        for path in paths:
-            t = fit_step_times(name, overrides, steps, path)[warmup:]
-            rows.append((r, path, statistics.median(t), statistics.fmean(t)))
-            print(f"round {r} {path}: median {rows[-1][2] * 1000:.0f} ms, mean {rows[-1][3] * 1000:.0f} ms", flush=True)
+        for label, (ov, path) in variants.items():
+            t = fit_step_times(name, ov, steps, path)[warmup:]
+            rows.append((r, label, statistics.median(t), statistics.fmean(t)))
+            print(f"round {r} {label}: median {rows[-1][2] * 1000:.0f} ms, mean {rows[-1][3] * 1000:.0f} ms",
+                  flush=True)
     return rows
+
+
+def print_rounds(title: str, head: str, rows: list[tuple[int, str, float, float]]) -> None:
+    print(f"\n{title}")
+    print(f"| round | {head} | median (ms) | mean (ms) |")
+    print("|---|---|---|---|")
+    for r, label, med, mean in rows:
+        print(f"| {r} | {label} | {med * 1000:.0f} | {mean * 1000:.0f} |")
+    labels = list(dict.fromkeys(label for _, label, _, _ in rows))
+    if len(labels) > 1:
+        base = {r: med for r, label, med, _ in rows if label == labels[0]}
+        for label in labels[1:]:
+            ratios = [base[r] / med for r, lb, med, _ in rows if lb == label]
+            print(f"{labels[0]} / {label}, per round (medians): " + ", ".join(f"{x:.3f}" for x in ratios))
 
 
 def main() -> None:
@@ -180,18 +206,22 @@ def main() -> None:
     ap.add_argument("--workers", default="", help="comma list of data.num_workers (default: the experiment's)")
     ap.add_argument("--top", type=int, default=0, help="print the top operators of the model step")
     ap.add_argument("--data-paths", default="", help=f"comma list of {', '.join(DATA_PATHS)}: fit steps per data path")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of --data-paths")
+    ap.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                    help="space-separated overrides of one variant (repeat; '' is the experiment as it is): fit "
+                         "steps of each variant, alternating in one process for --rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of --data-paths or --variant")
     args = ap.parse_args()
-    if args.data_paths:
+    if args.data_paths or args.variant:
         torch.set_num_threads(int(args.threads.split(",")[0]))
-        rows = compare_data_paths(args.experiment, args.overrides, args.data_paths.split(","), args.rounds,
-                                  args.steps, args.warmup)
-        print(f"\n{args.experiment}: fit step per data path, {torch.get_num_threads()} threads, "
-              f"{args.steps - args.warmup} steps timed per run")
-        print("| round | data path | median (ms) | mean (ms) |")
-        print("|---|---|---|---|")
-        for r, path, med, mean in rows:
-            print(f"| {r} | {path} | {med * 1000:.0f} | {mean * 1000:.0f} |")
+        timed = f"{torch.get_num_threads()} threads, {args.steps - args.warmup} steps timed per run"
+        if args.variant:
+            variants = {v or "(as is)": ([*args.overrides, *v.split()], "") for v in args.variant}
+            rows = alternate(args.experiment, variants, args.rounds, args.steps, args.warmup)
+            print_rounds(f"{args.experiment}: fit step per variant, {timed}", "variant", rows)
+        else:
+            rows = compare_data_paths(args.experiment, args.overrides, args.data_paths.split(","), args.rounds,
+                                      args.steps, args.warmup)
+            print_rounds(f"{args.experiment}: fit step per data path, {timed}", "data path", rows)
         return
     rows = []
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [None]

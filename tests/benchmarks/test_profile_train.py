@@ -40,3 +40,25 @@ def test_each_path_sets_its_loader(arlab_cache, monkeypatch):
 def test_an_unknown_data_path_is_refused():
     with pytest.raises(SystemExit, match="disk not in stream, memory, cached"):
         profile_train.compare_data_paths("shapes/tokenizer-quick", TINY, ["disk"], 1, 3, 1)
+
+
+def test_variants_alternate_with_their_own_overrides(arlab_cache, monkeypatch, capsys):
+    """--variant: each variant's fit runs with its overrides (here the tokenizer with and without attention), in
+    turn every round; the table's ratio line compares each to the first."""
+    built = []
+    real = profile_train._build
+
+    def spy(name, overrides):
+        exp, dm, module = real(name, overrides)
+        built.append(any(type(m).__name__ == "AttnBlock" for m in module.modules()))
+        return exp, dm, module
+
+    monkeypatch.setattr(profile_train, "_build", spy)
+    variants = {"attn": ([*TINY, "tokenizer.autoencoder.attn=true"], ""),
+                "no attn": ([*TINY, "tokenizer.autoencoder.attn=false"], "")}
+    rows = profile_train.alternate("shapes/tokenizer-quick", variants, rounds=2, steps=4, warmup=1)
+    assert [(r, label) for r, label, _, _ in rows] == [(0, "attn"), (0, "no attn"), (1, "attn"), (1, "no attn")]
+    assert built == [True, False, True, False]
+    profile_train.print_rounds("title", "variant", rows)
+    out = capsys.readouterr().out
+    assert "| 1 | no attn |" in out and "attn / no attn, per round (medians): " in out
