@@ -196,7 +196,7 @@ class Decoder(nn.Module):
         levels = []
         for i in reversed(range(n)):  # lowest resolution first
             c_out = ch * mult[i]
-            levels.append(Level(c_in, c_out, cfg.num_res_blocks + 1, g, cfg.dropout, cfg.attn and i == n - 1,
+            levels.append(Level(c_in, c_out, cfg.decoder_blocks()[i], g, cfg.dropout, cfg.attn and i == n - 1,
                                 Upsample(c_out) if i > 0 else None))
             c_in = c_out
         self.levels = nn.ModuleList(levels)
@@ -219,7 +219,8 @@ class ConvAutoencoder(nn.Module):
     ``f = 2 ** (len(ch_mult) - 1)``; H and W must be multiples of f for ``decode(encode(x))`` to
     return the input size. ``last_layer`` is the decoder's ``conv_out.weight`` (VQGAN's adaptive
     GAN weight). Level i has ``ch * ch_mult[i]`` channels; the encoder runs ``num_res_blocks``
-    ResBlocks per level and the decoder ``num_res_blocks + 1``, as in taming and LlamaGen.
+    ResBlocks per level and the decoder ``num_res_blocks + 1``, as in taming and LlamaGen, unless
+    ``decoder_res_blocks`` gives the decoder's count per level.
     """
 
     @dataclass
@@ -227,6 +228,7 @@ class ConvAutoencoder(nn.Module):
         ch: int = 128  # base channels; level i has ch * ch_mult[i]
         ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # per level; f = 2**(len-1)
         num_res_blocks: int = 2  # ResBlocks per encoder level (the decoder uses one more)
+        decoder_res_blocks: list[int] | None = None  # per decoder level, ch_mult order; null: num_res_blocks + 1
         attn: bool = True  # self-attention after each ResBlock of the lowest level and in the mid block
         z_channels: int = 256  # encoder output / decoder input channels around the 1x1 code_dim convs
         dropout: float = 0.0  # dropout inside every ResBlock
@@ -253,6 +255,15 @@ class ConvAutoencoder(nn.Module):
                 raise ConfigError(f"memory_format {self.memory_format!r} is not one of {', '.join(MEMORY_FORMATS)}")
             if self.num_res_blocks < 1:
                 raise ConfigError(f"num_res_blocks={self.num_res_blocks}: must be >= 1 (LlamaGen uses 2)")
+            if self.decoder_res_blocks is not None:
+                blocks = list(self.decoder_res_blocks)
+                if len(blocks) != len(mult) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                                   for b in blocks):
+                    raise ConfigError(
+                        f"decoder_res_blocks {blocks}: give one positive integer per level of ch_mult {mult} "
+                        f"(level 0 = full resolution), or null for num_res_blocks + 1 = {self.num_res_blocks + 1} "
+                        "at every level"
+                    )
             if not 0.0 <= self.dropout < 1.0:
                 raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
             channels = [self.ch * m for m in mult]
@@ -263,6 +274,12 @@ class ConvAutoencoder(nn.Module):
                     f"norm_groups={self.norm_groups} does not divide the channels {bad} (ch={self.ch} × "
                     f"ch_mult {mult} gives {channels}); use norm_groups in {ok} or change ch"
                 )
+
+        def decoder_blocks(self) -> list[int]:
+            """ResBlocks per decoder level, level 0 (full resolution) first."""
+            if self.decoder_res_blocks is None:
+                return [self.num_res_blocks + 1] * len(self.ch_mult)
+            return list(self.decoder_res_blocks)
 
     def __init__(self, cfg: Config, code_dim: int):
         super().__init__()

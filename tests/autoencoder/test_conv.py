@@ -61,10 +61,12 @@ def test_preset_shapes_gradients_and_structure(path):
     assert not unused, f"parameters without gradient: {unused}"
     assert all(p.grad.abs().sum() > 0 for p in ae.parameters())
 
-    # taming/LlamaGen structure: n ResBlocks per encoder level, n+1 per decoder level, 2 per mid block
+    # taming/LlamaGen structure: n ResBlocks per encoder level, n+1 per decoder level (or decoder_res_blocks),
+    # 2 per mid block
     levels, n = len(cfg.ch_mult), cfg.num_res_blocks
     assert count(ae.encoder, ResnetBlock) == levels * n + 2
-    assert count(ae.decoder, ResnetBlock) == levels * (n + 1) + 2
+    dec = cfg.decoder_res_blocks or [n + 1] * levels
+    assert count(ae.decoder, ResnetBlock) == sum(dec) + 2
     assert count(ae, Downsample) == levels - 1 and count(ae, Upsample) == levels - 1
     expected_attn = (n + 1) + (n + 1 + 1) if cfg.attn else 0  # enc lowest + mid, dec mid + lowest
     assert count(ae, AttnBlock) == expected_attn
@@ -83,6 +85,35 @@ def test_attention_runs_only_at_the_lowest_resolution(path):
         ae(torch.zeros(1, 3, 32, 32))
     low = 32 // ae.downsample
     assert seen and set(seen) == {(low, low)}
+
+
+def test_decoder_res_blocks_sets_each_decoder_level_in_ch_mult_order():
+    """[1, 3, 2] with ch_mult [1, 2, 2]: one ResBlock at full resolution (32×32), three at 16×16, two at 8×8;
+    the encoder keeps num_res_blocks per level; null is taming's num_res_blocks + 1 everywhere."""
+    node = {"type": "conv", "ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn": False, "z_channels": 16,
+            "norm_groups": 8}
+    ae = build("autoencoder", {**node, "decoder_res_blocks": [1, 3, 2]}, code_dim=4)
+    per_res: dict[int, int] = {}
+    for m in ae.decoder.modules():
+        if isinstance(m, ResnetBlock):
+            m.register_forward_hook(lambda mod, inp, out: per_res.__setitem__(
+                out.shape[-1], per_res.get(out.shape[-1], 0) + 1))
+    with torch.no_grad():
+        y = ae(torch.zeros(2, 3, 32, 32))
+    assert y.shape == (2, 3, 32, 32)
+    assert per_res == {32: 1, 16: 3, 8: 2 + 2}  # the mid block's two at 8×8
+    assert count(ae.encoder, ResnetBlock) == 3 * 1 + 2
+    default = build("autoencoder", node, code_dim=4)
+    assert default.cfg.decoder_blocks() == [2, 2, 2] and count(default.decoder, ResnetBlock) == 3 * 2 + 2
+
+
+@pytest.mark.parametrize("bad,says", [([1, 2], "one positive integer per level of ch_mult \\[1, 2, 2\\]"),
+                                      ([1, 0, 2], "one positive integer per level"),
+                                      ([1, 2.5, 2], "not a valid list\\[int\\]"), ([True, 1, 1], "not a valid")])
+def test_decoder_res_blocks_needs_one_positive_integer_per_level(bad, says):
+    node = {"type": "conv", "ch": 16, "ch_mult": [1, 2, 2], "norm_groups": 8, "decoder_res_blocks": bad}
+    with pytest.raises(ConfigError, match=f"decoder_res_blocks.*{says}"):
+        build("autoencoder", node, code_dim=4)
 
 
 def test_tiny_preset_has_no_attention():
