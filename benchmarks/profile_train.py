@@ -26,7 +26,8 @@ It prints the median and mean step of each path in each round.
     python benchmarks/profile_train.py shapes/tokenizer-quick --variant "" --variant "tokenizer.autoencoder.attn=false"
 
 The upstream runs (the tokenizer and token shards of a generator) must exist: run the experiment once.
-``--top`` prints the profiler's top operators of the model step.
+``--top`` prints the profiler's top operators of the model step; ``--by-shape`` splits them by input shape (which
+layer's convolution or matrix product the time is in).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def time_data(dm, n: int) -> float:
     return k / (time.perf_counter() - t0)
 
 
-def time_step(exp, dm, module, n: int, top: int) -> float:
+def time_step(exp, dm, module, n: int, top: int, by_shape: bool = False) -> float:
     """Seconds per training step on one cached batch, through a 1-step trainer so that the task's hooks
     (manual optimisation, schedulers) are set up exactly as in training."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,10 +112,11 @@ def time_step(exp, dm, module, n: int, top: int) -> float:
     dt = (time.perf_counter() - t0) / n
     if top:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
             for _ in range(3):
                 step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        print(prof.key_averages(group_by_input_shape=by_shape).table(
+            sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48, max_shapes_column_width=72))
     return dt
 
 
@@ -205,6 +207,7 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()), help="comma list of torch thread counts")
     ap.add_argument("--workers", default="", help="comma list of data.num_workers (default: the experiment's)")
     ap.add_argument("--top", type=int, default=0, help="print the top operators of the model step")
+    ap.add_argument("--by-shape", action="store_true", help="with --top: one row per operator and input shapes")
     ap.add_argument("--data-paths", default="", help=f"comma list of {', '.join(DATA_PATHS)}: fit steps per data path")
     ap.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
                     help="space-separated overrides of one variant (repeat; '' is the experiment as it is): fit "
@@ -231,7 +234,7 @@ def main() -> None:
         exp, dm, module = _build(args.experiment, ov)
         bs = exp.tree["data"]["batch_size"]
         data_bps = time_data(dm, 30)
-        step_s = time_step(exp, dm, module, 10, args.top)
+        step_s = time_step(exp, dm, module, 10, args.top, args.by_shape)
         fit_s = time_fit(args.experiment, ov, args.steps, args.warmup)
         rows.append((threads, exp.tree["data"].get("num_workers"), bs, data_bps, step_s, fit_s))
     print(f"\n{args.experiment}: per training step (batch {rows[0][2]}), torch {torch.__version__}")

@@ -62,3 +62,12 @@ def test_variants_alternate_with_their_own_overrides(arlab_cache, monkeypatch, c
     profile_train.print_rounds("title", "variant", rows)
     out = capsys.readouterr().out
     assert "| 1 | no attn |" in out and "attn / no attn, per round (medians): " in out
+
+
+def test_top_operators_by_input_shape(arlab_cache, capsys):
+    """--top N --by-shape: the model step's profiler table, one row per operator and input shapes (the tiny
+    tokenizer's 3×3 convolutions at batch 4 show as [4, C, H, W] inputs)."""
+    exp, dm, module = profile_train._build("shapes/tokenizer-quick", TINY)
+    assert profile_train.time_step(exp, dm, module, 1, top=8, by_shape=True) > 0
+    out = capsys.readouterr().out
+    assert "Input Shapes" in out and "[[4, " in out
