@@ -214,6 +214,8 @@ def main() -> None:
                          "steps of each variant, alternating in one process for --rounds")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of --data-paths or --variant")
     args = ap.parse_args()
+    if args.data_paths and args.variant:
+        ap.error("--data-paths and --variant compare different things: give one (a variant may set data.in_memory)")
     if args.data_paths or args.variant:
         torch.set_num_threads(int(args.threads.split(",")[0]))
         timed = f"{torch.get_num_threads()} threads, {args.steps - args.warmup} steps timed per run"

@@ -193,10 +193,11 @@ class Decoder(nn.Module):
         c_in = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = MidBlock(c_in, g, cfg.dropout, cfg.attn)
+        blocks = cfg.decoder_blocks()
         levels = []
         for i in reversed(range(n)):  # lowest resolution first
             c_out = ch * mult[i]
-            levels.append(Level(c_in, c_out, cfg.decoder_blocks()[i], g, cfg.dropout, cfg.attn and i == n - 1,
+            levels.append(Level(c_in, c_out, blocks[i], g, cfg.dropout, cfg.attn and i == n - 1,
                                 Upsample(c_out) if i > 0 else None))
             c_in = c_out
         self.levels = nn.ModuleList(levels)

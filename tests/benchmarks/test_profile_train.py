@@ -71,3 +71,11 @@ def test_top_operators_by_input_shape(arlab_cache, capsys):
     assert profile_train.time_step(exp, dm, module, 1, top=8, by_shape=True) > 0
     out = capsys.readouterr().out
     assert "Input Shapes" in out and "[[4, " in out
+
+
+def test_data_paths_and_variants_are_not_mixed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_train.py", "shapes/tokenizer-quick", "--data-paths", "memory",
+                                      "--variant", ""])
+    with pytest.raises(SystemExit):
+        profile_train.main()
+    assert "--data-paths and --variant compare different things" in capsys.readouterr().err
