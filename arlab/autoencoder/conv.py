@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from arlab.errors import ConfigError
 from arlab.layers import attention
+from arlab.optim import adamw_only
 from arlab.registry import register
 
 _VALID_FACTORS = (2, 4, 8, 16)
@@ -162,6 +163,7 @@ class Encoder(nn.Module):
         ch, mult, g = cfg.ch, list(cfg.ch_mult), cfg.norm_groups
         n = len(mult)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        adamw_only(self.conv_in.weight)  # the input layer: AdamW under task.optimizer=muon (arlab.optim)
         c_in = ch
         levels = []
         for i, m in enumerate(mult):
@@ -203,6 +205,7 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.norm_out = _norm(c_in, g)
         self.conv_out = nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
+        adamw_only(self.conv_out.weight)  # the output layer
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -292,6 +295,8 @@ class ConvAutoencoder(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, code_dim, 1)
         self.post_quant_conv = nn.Conv2d(code_dim, cfg.z_channels, 1)
+        for conv in (self.quant_conv, self.post_quant_conv):  # the code bottleneck's projections: AdamW
+            adamw_only(conv.weight)
 
     def extra_repr(self) -> str:
         return f"downsample={self.downsample}, code_dim={self.code_dim}"

@@ -43,6 +43,7 @@ from arlab.generator.decoding import DecodeStep, Decoding, StatePool, sample_rec
 from arlab.generator.layout import Layout, take
 from arlab.generator.linear_ce import linear_cross_entropy
 from arlab.generator.sampling import Guidance, check_schedule, draw
+from arlab.optim import adamw_only
 from arlab.order.base import Order, OrderPlan
 from arlab.shuffle.window import TokenShuffle
 
@@ -90,11 +91,13 @@ class Generator(nn.Module):
         self.token_drop = nn.Dropout(token_dropout)
         self.head = nn.Linear(d, vocab_size, bias=False)
         nn.init.zeros_(self.head.weight)  # LlamaGen: zero-initialised output layer
+        adamw_only(self.head.weight)  # the output layer: AdamW under task.optimizer=muon (arlab.optim)
         self.branch = self.head2 = None
         if plan.heads == 2:  # NAR: a second head after extra layers
             self.branch = backbone.branch(order.extra_layers)
             self.head2 = nn.Linear(d, vocab_size, bias=False)
             nn.init.normal_(self.head2.weight, std=0.02)
+            adamw_only(self.head2.weight)
         elif plan.heads != 1:
             raise ValueError(f"{plan.heads} prediction heads are not supported (1 or 2)")
         self.adaln = backbone.cond_mode == "adaln"

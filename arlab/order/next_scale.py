@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from arlab.backbone.base import BLOCK_CAUSAL
 from arlab.errors import ConfigError
 from arlab.layers import no_weight_decay
+from arlab.optim import adamw_only
 from arlab.order.base import Order, OrderPlan
 from arlab.quantizer.msvq import MultiScaleVQ
 from arlab.registry import register
@@ -91,6 +92,7 @@ class NextScale(Order):
         self.word_embed = nn.Linear(quantizer.code_dim, dim)
         nn.init.trunc_normal_(self.word_embed.weight, std=std)
         nn.init.zeros_(self.word_embed.bias)
+        adamw_only(self.word_embed.weight)  # the input embedding: AdamW under task.optimizer=muon (arlab.optim)
         if self.cfg.level_embed:
             self.lvl_embed = nn.Embedding(len(patch), dim)
             nn.init.trunc_normal_(self.lvl_embed.weight, std=std)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from arlab.layers import decay_groups
+from arlab.optim import MuonAdamW, muon_group, ns_dtype_for, split_hidden
 from arlab.registry import register_kind
 from arlab.schedules import warmup_cosine
 
@@ -78,12 +79,28 @@ class Task(pl.LightningModule):
         return {}
 
     def adamw_warmup_cosine(self, module: nn.Module, lr: float, betas: list[float], weight_decay: float,
-                            warmup_steps: int, lr_schedule: str, min_lr_ratio: float) -> dict[str, Any]:
+                            warmup_steps: int, lr_schedule: str, min_lr_ratio: float,
+                            muon: dict[str, float] | None = None) -> dict[str, Any]:
         """AdamW over ``module`` (decay groups from :mod:`arlab.layers`; the fused kernel, :meth:`fused_optimizer`) with
-        warm-up and constant / cosine decay over the trainer's ``max_steps``: what ``configure_optimizers`` returns."""
+        warm-up and constant / cosine decay over the trainer's ``max_steps``: what ``configure_optimizers`` returns.
+        ``muon`` (``lr``, ``momentum``, ``weight_decay``): the hidden matrices on Muon instead, in one
+        :class:`arlab.optim.MuonAdamW` (:func:`arlab.optim.split_hidden`); the schedule scales both rules."""
         groups = decay_groups(module, weight_decay)
-        params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=self.fused_optimizer(params) or None)
+        hidden: list[nn.Parameter] = []
+        if muon is not None:
+            hidden = split_hidden(module)[0]
+            ids = {id(p) for p in hidden}
+            for g in groups:
+                g["params"] = [p for p in g["params"] if id(p) not in ids]
+        params = hidden + [p for g in groups for p in g["params"]]
+        fused = self.fused_optimizer(params) or None
+        if muon is not None:
+            groups = [muon_group(hidden, muon["lr"], muon["momentum"], muon["weight_decay"]),
+                      *(g for g in groups if g["params"])]
+            opt: torch.optim.Optimizer = MuonAdamW(groups, lr=lr, betas=tuple(betas), fused=fused,
+                                                   ns_dtype=ns_dtype_for(params))
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
         total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps, total, lr_schedule, min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

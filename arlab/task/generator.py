@@ -38,6 +38,7 @@ from arlab.generator.evaluate import eval_conditions, score
 from arlab.generator.layout import Layout
 from arlab.generator.sample import generate_images
 from arlab.generator.sampling import check_schedule
+from arlab.optim import check_strategy
 from arlab.registry import get, register
 from arlab.rundir import read_task_checkpoint
 from arlab.task.base import Task, Upstream
@@ -58,8 +59,12 @@ class GeneratorModule(Task):
         tokenizer_experiment: str = ""  # trained into tokenizer_ckpt's run first when that file is missing
         tokenizer_overrides: list[str] = field(default_factory=list)  # dotlist overrides for that training
         vocab_size: int = 0  # 0 = the tokenizer's; otherwise must equal it
+        optimizer: str = "adamw"  # adamw, or muon (Muon on the hidden matrices, AdamW on embeddings, head, gains)
         lr: float = 1e-3
         betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # LlamaGen (0.9, 0.95)
+        muon_lr: float = 0.02  # optimizer muon: peak learning rate of the hidden matrices (arlab.optim)
+        muon_momentum: float = 0.95
+        muon_weight_decay: float = 0.0
         weight_decay: float = 0.05  # on >=2-D weights not marked exempt (LlamaGen 0.05)
         warmup_steps: int = 100
         lr_schedule: str = "cosine"  # constant or cosine (to min_lr_ratio · lr)
@@ -81,6 +86,8 @@ class GeneratorModule(Task):
         def __post_init__(self) -> None:
             if self.lr_schedule not in ("constant", "cosine"):
                 raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of constant, cosine")
+            if self.optimizer not in ("adamw", "muon"):
+                raise ConfigError(f"optimizer {self.optimizer!r} is not one of adamw, muon")
             try:
                 check_schedule(self.sample_schedule)
             except ConfigError as e:
@@ -92,10 +99,12 @@ class GeneratorModule(Task):
             for i, b in enumerate(self.betas):
                 check_range(f"betas[{i}]", b, ge=0, lt=1)
             check_range("lr", self.lr, gt=0)
+            check_range("muon_lr", self.muon_lr, gt=0)
+            check_range("muon_momentum", self.muon_momentum, ge=0, lt=1)
             values = dataclasses.asdict(self)
-            for key in ("weight_decay", "warmup_steps", "grad_clip", "z_loss", "sample_every_n_steps",
-                        "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k", "eval_samples",
-                        "vocab_size", "loss_chunk"):
+            for key in ("weight_decay", "muon_weight_decay", "warmup_steps", "grad_clip", "z_loss",
+                        "sample_every_n_steps", "n_sample_images", "sample_cfg", "sample_temperature", "sample_top_k",
+                        "eval_samples", "vocab_size", "loss_chunk"):
                 check_range(key, values[key], ge=0)
             check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
             check_range("token_dropout", self.token_dropout, ge=0, lt=1)
@@ -108,6 +117,7 @@ class GeneratorModule(Task):
             for slot in ("backbone", "data"):
                 if not exp.has(slot):
                     raise ConfigError(f"task 'generator' needs a '{slot}' slot")
+            check_strategy(self.optimizer, exp.tree.get("trainer", {}).get("strategy", "auto"))
             if not self.tokenizer_ckpt:
                 raise ConfigError("task.tokenizer_ckpt is empty: name the tokenizer checkpoint (and "
                                   "task.tokenizer_experiment to train it when missing)")
@@ -217,8 +227,10 @@ class GeneratorModule(Task):
 
     def configure_optimizers(self):
         c = self.cfg  # decay on >= 2-D weights except those a component marks exempt; a bound msvq is frozen
+        muon = (dict(lr=c.muon_lr, momentum=c.muon_momentum, weight_decay=c.muon_weight_decay)
+                if c.optimizer == "muon" else None)
         return self.adamw_warmup_cosine(self.model, c.lr, c.betas, c.weight_decay, c.warmup_steps, c.lr_schedule,
-                                        c.min_lr_ratio)
+                                        c.min_lr_ratio, muon=muon)
 
     def _codes(self, batch: dict[str, Any]) -> Tensor:
         tokens = batch["tokens"]

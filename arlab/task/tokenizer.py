@@ -27,6 +27,7 @@ from torch import Tensor
 from arlab.config import build, check_range, validate_component
 from arlab.errors import ConfigError
 from arlab.metrics import CodebookUsage, psnr, ssim
+from arlab.optim import MuonAdamW, check_strategy, muon_group, ns_dtype_for, split_hidden
 from arlab.registry import register
 from arlab.schedules import warmup_cosine
 from arlab.task.base import Task
@@ -45,13 +46,16 @@ class TokenizerModule(Task):
 
     @dataclass
     class Config:
-        optimizer: str = "adam"  # adam (LlamaGen, VQGAN) or adamw
+        optimizer: str = "adam"  # adam (LlamaGen, VQGAN), adamw, or muon (Muon on hidden convs, AdamW on the rest)
         lr: float = 2e-4  # peak learning rate after warm-up
         betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # VQGAN's; LlamaGen uses (0.9, 0.95)
         weight_decay: float = 0.0
         warmup_steps: int = 100  # linear warm-up steps
         lr_schedule: str = "constant"  # after warm-up: constant (LlamaGen) or cosine (to min_lr_ratio·lr)
         min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+        muon_lr: float = 0.02  # optimizer muon: peak learning rate of the hidden matrices (arlab.optim)
+        muon_momentum: float = 0.95
+        muon_weight_decay: float = 0.0
         grad_clip: float = 1.0  # max grad norm (0 disables)
         rec_loss: str = "l1"  # l1 or l2
         rec_weight: float = 1.0
@@ -71,7 +75,7 @@ class TokenizerModule(Task):
         n_log_images: int = 16
 
         def __post_init__(self) -> None:
-            choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
+            choices = {"optimizer": ("adam", "adamw", "muon"), "lr_schedule": ("constant", "cosine"),
                        "rec_loss": ("l1", "l2"), "disc_loss": ("hinge", "vanilla"),
                        "gen_loss": ("hinge", "non_saturating"), "disc_norm": ("batch", "group", "none")}
             values = dataclasses.asdict(self)
@@ -83,7 +87,10 @@ class TokenizerModule(Task):
             for i, b in enumerate(self.betas):
                 check_range(f"betas[{i}]", b, ge=0, lt=1)
             check_range("lr", self.lr, gt=0)
-            for key in ("weight_decay", "warmup_steps", "grad_clip", "rec_weight", "quant_weight", "perceptual_weight",
+            check_range("muon_lr", self.muon_lr, gt=0)
+            check_range("muon_momentum", self.muon_momentum, ge=0, lt=1)
+            for key in ("weight_decay", "muon_weight_decay", "warmup_steps", "grad_clip", "rec_weight", "quant_weight",
+                        "perceptual_weight",
                         "disc_weight", "disc_start", "disc_lr_ratio", "log_images_every_n_steps", "n_log_images"):
                 check_range(key, values[key], ge=0)
             check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
@@ -92,6 +99,7 @@ class TokenizerModule(Task):
         def check(self, exp) -> None:
             if not exp.has("tokenizer"):
                 raise ConfigError("task 'tokenizer' needs a 'tokenizer' slot (e.g. tokenizer: shapes-vq)")
+            check_strategy(self.optimizer, exp.tree.get("trainer", {}).get("strategy", "auto"))
 
     def __init__(self, cfg: Config | None = None, experiment: dict[str, Any] | None = None,
                  meta: dict[str, Any] | None = None):
@@ -123,12 +131,21 @@ class TokenizerModule(Task):
     # ------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
         c = self.cfg
-        groups = [{"params": list(self.tokenizer.parameters()), "lr": c.lr}]
+        if c.optimizer == "muon":  # the tokenizer's hidden convolutions on Muon; its input/output layers, D on AdamW
+            hidden, rest = split_hidden(self.tokenizer)
+            groups = [muon_group(hidden, c.muon_lr, c.muon_momentum, c.muon_weight_decay), {"params": rest, "lr": c.lr}]
+        else:
+            groups = [{"params": list(self.tokenizer.parameters()), "lr": c.lr}]
         if self.disc is not None:
             groups.append({"params": list(self.disc.parameters()), "lr": c.lr * c.disc_lr_ratio})
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
         params = [p for g in groups for p in g["params"]]
-        opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=self.fused_optimizer(params) or None)
+        fused = self.fused_optimizer(params) or None
+        if c.optimizer == "muon":
+            opt = MuonAdamW(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=fused,
+                            ns_dtype=ns_dtype_for(params))
+        else:
+            cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, self._total_steps(),
                                                                      c.lr_schedule, c.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

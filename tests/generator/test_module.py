@@ -95,7 +95,9 @@ def test_sample_cli_writes_grid_and_npz_and_is_deterministic(chain, tmp_path):
         load_generator(tok)
 
 
-def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(chain):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(chain, optimizer):
+    """Also with task.optimizer=muon: MuonAdamW's momentum buffers and Adam moments come back from the checkpoint."""
     tmp, ckpt, tok_exp, _, _ = chain
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -104,12 +106,13 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(ch
         ev.Reload()
         return {e.step: e.value for e in ev.Scalars("train/loss")}
 
-    full = generator_body(tmp, ckpt, tok_exp, "full", steps=10)
+    full = generator_body(tmp, ckpt, tok_exp, f"full-{optimizer}", steps=10)
     full["task"]["eval_samples"] = 0
+    full["task"]["optimizer"] = optimizer
     full["conditioner"] = {"preset": "class", "dropout": 0.5}  # label dropout draws from the RNG
     fit(load_experiment(write(tmp / "full.yaml", full)))
     part = json.loads(json.dumps(full))
-    part["run"]["dir"] = str(tmp / "part")
+    part["run"]["dir"] = str(tmp / f"part-{optimizer}")
     part["trainer"]["checkpoint_every_n_steps"] = 5
     import pytorch_lightning as pl
 
@@ -119,9 +122,9 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_losses(ch
                 trainer.should_stop = True
 
     fit(load_experiment(write(tmp / "part.yaml", part)), callbacks=[StopAt5()])
-    assert (tmp / "part" / "checkpoints" / "step-5.ckpt").is_file()
+    assert (tmp / f"part-{optimizer}" / "checkpoints" / "step-5.ckpt").is_file()
     fit(load_experiment(write(tmp / "part.yaml", part)))  # same run directory: resumes from last.ckpt (step 5)
-    a, b = losses(tmp / "full"), losses(tmp / "part")
+    a, b = losses(tmp / f"full-{optimizer}"), losses(tmp / f"part-{optimizer}")
     assert sorted(a) == list(range(10)) and sorted(b) == list(range(10))
     for step in range(5, 10):
         assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a, b)
