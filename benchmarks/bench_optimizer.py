@@ -1,5 +1,7 @@
 """Time of one optimizer step over an experiment's trainable parameters, per kernel: torch's per-tensor loop,
-``foreach`` and ``fused`` (what arlab's tasks use where :func:`arlab.task.base.fused_ok` allows).
+``foreach`` and ``fused`` (what arlab's tasks use where :func:`arlab.task.base.fused_ok` allows) of the task's Adam /
+AdamW, and ``muon``: :class:`arlab.optim.MuonAdamW` as ``task.optimizer=muon`` builds it (Muon with its Newton-Schulz
+iteration in float32 on the hidden matrices, fused AdamW on the rest).
 
     python benchmarks/bench_optimizer.py                          # shapes/quickstart's generator, AdamW
     python benchmarks/bench_optimizer.py shapes/tokenizer-quick   # a tokenizer's autoencoder + quantizer, Adam
@@ -20,16 +22,17 @@ from common import print_table, timed, write_json
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
 from arlab.layers import decay_groups
+from arlab.optim import MuonAdamW, muon_group, ns_dtype_for, split_hidden
 
-KERNELS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+KERNELS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "muon": {}}
 
 
 def model_of(name: str) -> tuple[torch.nn.Module, type]:
-    """The experiment's trainable module and the optimizer class its task uses."""
+    """The experiment's trainable module and the Adam-family class its task uses (AdamW beside Muon)."""
     exp = load_experiment(name, [])
     if exp.tree["task"]["type"] == "tokenizer":
-        adamw = exp.tree["task"].get("optimizer", "adam") == "adamw"
-        return exp.build("tokenizer"), torch.optim.AdamW if adamw else torch.optim.Adam
+        adam = exp.tree["task"].get("optimizer", "adam") == "adam"
+        return exp.build("tokenizer"), torch.optim.Adam if adam else torch.optim.AdamW
     vocab, scales, quant = tokenizer_layout(exp)
     g = build_generator(exp.tree, vocab, [(p, p) for p in scales], num_classes=10, quantizer=quant)
     return g, torch.optim.AdamW
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
             for p in g["params"]:
                 p.grad = torch.randn_like(p)
         opt = cls(groups, lr=1e-4, **kw)
+        if kernel == "muon":
+            hidden, rest = split_hidden(module)
+            opt = MuonAdamW([muon_group(hidden, 0.02, 0.95, 0.0), {"params": rest}], lr=1e-4, fused=True,
+                            ns_dtype=ns_dtype_for(hidden))
         for _ in range(args.warmup):
             opt.step()
         rows.append({"kernel": kernel, "ms_per_step": timed(opt.step, "cpu", args.repeat) * 1e3})

@@ -168,6 +168,7 @@ def test_the_tokenizer_task_builds_muon_over_its_hidden_convs():
     assert isinstance(opt, MuonAdamW) and opt.ns_dtype == torch.float32
     muon, rest = opt.param_groups
     hidden, others = split_hidden(module.tokenizer)
-    assert muon["muon"] and [id(p) for p in muon["params"]] == [id(p) for p in hidden] and muon["initial_lr"] == 0.03
-    assert not rest["muon"] and [id(p) for p in rest["params"]] == [id(p) for p in others] and rest["initial_lr"] == 2e-3
+    assert muon["muon"] and [id(p) for p in muon["params"]] == [id(p) for p in hidden]
+    assert not rest["muon"] and [id(p) for p in rest["params"]] == [id(p) for p in others]
+    assert (muon["initial_lr"], rest["initial_lr"]) == (0.03, 2e-3)
     assert len(hidden) == sum(isinstance(m, nn.Conv2d) for m in module.tokenizer.modules()) - 4

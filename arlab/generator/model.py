@@ -1,7 +1,7 @@
 """The AR generator: token inputs → Token-Shuffle → order → backbone (+ branch) → unshuffle → heads.
 
-One model for raster AR (LlamaGen), Token-Shuffle (s = 2, 4), VAR's next-scale and NAR's
-next-neighbour orders; every part is picked by name. Plain ``nn.Module``: usable without Lightning.
+One model for raster AR (LlamaGen), Token-Shuffle (s = 2, 4), VAR's next-scale and NAR's next-neighbour orders;
+every part is picked by name. Plain ``nn.Module``: usable without Lightning.
 
 Training (teacher forcing), for tokens ``codes_bn`` (B, N) (or one grid ``codes_bhw``) and a
 condition ``cond`` (class labels (B,) or caption ids (B, P)):
@@ -22,9 +22,8 @@ feeds every input of one order step at once and gives the logits of every target
 samples the tokens. :meth:`Generator.sample_recompute` is the state-free reference.
 
 The generator uses its components only through their interfaces (:class:`arlab.backbone.base.Backbone`,
-:class:`arlab.order.base.Order`, :class:`arlab.conditioner.base.Conditioner`); the backbone's
-capabilities are checked against the order when the generator is built (and, by the generator task,
-at config time).
+:class:`arlab.order.base.Order`, :class:`arlab.conditioner.base.Conditioner`); the backbone's capabilities are
+checked against the order when the generator is built (and, by the generator task, at config time).
 """
 
 from __future__ import annotations
@@ -89,15 +88,13 @@ class Generator(nn.Module):
             self.tok_embedding = nn.Embedding(vocab_size, d)
             nn.init.normal_(self.tok_embedding.weight, std=0.02)
         self.token_drop = nn.Dropout(token_dropout)
-        self.head = nn.Linear(d, vocab_size, bias=False)
-        nn.init.zeros_(self.head.weight)  # LlamaGen: zero-initialised output layer
-        adamw_only(self.head.weight)  # the output layer: AdamW under task.optimizer=muon (arlab.optim)
+        self.head = nn.Linear(d, vocab_size, bias=False)  # zero-initialised (LlamaGen); AdamW under optimizer=muon
+        adamw_only(nn.init.zeros_(self.head.weight))
         self.branch = self.head2 = None
         if plan.heads == 2:  # NAR: a second head after extra layers
             self.branch = backbone.branch(order.extra_layers)
             self.head2 = nn.Linear(d, vocab_size, bias=False)
-            nn.init.normal_(self.head2.weight, std=0.02)
-            adamw_only(self.head2.weight)
+            adamw_only(nn.init.normal_(self.head2.weight, std=0.02))
         elif plan.heads != 1:
             raise ValueError(f"{plan.heads} prediction heads are not supported (1 or 2)")
         self.adaln = backbone.cond_mode == "adaln"
