@@ -138,7 +138,8 @@ def split_hidden(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
 
 def muon_group(params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
     """A :class:`MuonAdamW` parameter group on Muon."""
-    return {"params": params, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "muon": True}
+    return {"params": params, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "muon": True,
+            "name": "muon"}  # TensorBoard: lr-MuonAdamW/muon
 
 
 def check_strategy(optimizer: str, strategy: Any) -> None:
