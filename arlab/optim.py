@@ -67,20 +67,24 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on the groups with ``muon=True``, AdamW on the others (see the module docstring).
 
     Group keys: ``lr``, ``weight_decay`` (decoupled: ``θ ← θ − lr·wd·θ`` in both rules); Muon: ``momentum``,
-    ``nesterov``, ``ns_steps``; AdamW: ``betas``, ``eps``. ``fused``: AdamW's fused kernel (None: off).
+    ``nesterov``, ``ns_steps``; AdamW: ``betas``, ``eps``, ``fused`` (AdamW's fused kernel; None or False: off).
     """
 
     def __init__(self, params: list[dict[str, Any]], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> None:
+        # ``fused`` is a group key, as in torch's AdamW: on load_state_dict torch then moves each AdamW "step" onto its
+        # parameter's device (a DDP rank's, or CUDA for a run begun on CPU), which the fused kernel needs
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        nesterov=nesterov, ns_steps=ns_steps, muon=False)
+                        nesterov=nesterov, ns_steps=ns_steps, muon=False, fused=bool(fused))
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
-        self.fused = fused
-        for group in self.param_groups:
-            if group["muon"] and any(p.ndim < 2 for p in group["params"]):
-                raise ValueError("a Muon group holds a tensor with fewer than 2 dimensions; it belongs to AdamW")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["muon"] and any(p.ndim < 2 for p in group["params"]):
+            raise ValueError("a Muon group holds a tensor with fewer than 2 dimensions; it belongs to AdamW")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -109,7 +113,7 @@ class MuonAdamW(torch.optim.Optimizer):
             p.add_(o.view_as(p).to(p.dtype), alpha=-lr * math.sqrt(max(1.0, m.shape[0] / m.shape[1])))
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        fused = bool(self.fused)
+        fused = group["fused"]
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]

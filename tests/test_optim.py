@@ -94,6 +94,26 @@ def test_state_dict_round_trips_through_a_fresh_optimizer():
         assert torch.equal(p, q)
 
 
+def test_a_fused_groups_step_counter_follows_torchs_load_policy():
+    """``fused`` is a group key (as in torch's AdamW), so load_state_dict casts and moves each AdamW "step" to its
+    parameter (float32 on the parameter's device: a DDP rank's, or CUDA after a CPU start), as the fused kernel
+    needs; without the key torch would leave it as saved. Also: a Muon group added later is checked too."""
+    a = _params([(6, 4), (4,)], 5)
+    opt = MuonAdamW([muon_group(a[:1], 0.02, 0.95, 0.0), {"params": a[1:], "lr": 1e-3}], fused=True,
+                    ns_dtype=torch.float32)
+    assert all(g["fused"] for g in opt.param_groups)
+    _step_both(opt, [], a, [nn.Parameter(p.detach().clone()) for p in a], steps=1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["step"] = sd["state"][1]["step"].double()  # as if saved elsewhere: torch must re-place it
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    opt2 = MuonAdamW([muon_group(b[:1], 0.02, 0.95, 0.0), {"params": b[1:], "lr": 1e-3}], fused=True,
+                     ns_dtype=torch.float32)
+    opt2.load_state_dict(sd)
+    assert opt2.state[b[1]]["step"].dtype == torch.float32
+    with pytest.raises(ValueError, match="fewer than 2 dimensions"):
+        opt2.add_param_group(muon_group([nn.Parameter(torch.zeros(3))], 0.02, 0.95, 0.0))
+
+
 # ---------------------------------------------------------------------------------------------- which weights
 @pytest.mark.parametrize("name", [n for n in presets("autoencoder") if not n.startswith("llamagen")])
 def test_an_autoencoder_puts_its_hidden_convs_on_muon_and_its_ends_on_adamw(name):

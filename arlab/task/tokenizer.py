@@ -131,7 +131,7 @@ class TokenizerModule(Task):
     # ------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
         c = self.cfg
-        if c.optimizer == "muon":  # the tokenizer's hidden convolutions on Muon; its input/output layers, D on AdamW
+        if c.optimizer == "muon":  # hidden convs on Muon; the rest and D on AdamW (decoupled decay, unlike adam's L2)
             hidden, rest = split_hidden(self.tokenizer)
             groups = [muon_group(hidden, c.muon_lr, c.muon_momentum, c.muon_weight_decay), {"params": rest, "lr": c.lr}]
         else:
