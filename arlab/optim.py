@@ -68,17 +68,19 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Group keys: ``lr``, ``weight_decay`` (decoupled: ``θ ← θ − lr·wd·θ`` in both rules); Muon: ``momentum``,
     ``nesterov``, ``ns_steps``; AdamW: ``betas``, ``eps``, ``fused`` (AdamW's fused kernel; None or False: off).
+    ``ns_dtype``: the Newton-Schulz dtype (None: :func:`ns_dtype_for` the Muon parameters).
     """
 
     def __init__(self, params: list[dict[str, Any]], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None) -> None:
+                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None, fused: bool | None = None) -> None:
         # ``fused`` is a group key, as in torch's AdamW: on load_state_dict torch then moves each AdamW "step" onto its
         # parameter's device (a DDP rank's, or CUDA for a run begun on CPU), which the fused kernel needs
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         nesterov=nesterov, ns_steps=ns_steps, muon=False, fused=bool(fused))
         super().__init__(params, defaults)
-        self.ns_dtype = ns_dtype
+        muon = [p for g in self.param_groups if g["muon"] for p in g["params"]]
+        self.ns_dtype = ns_dtype or ns_dtype_for(muon)  # None: bf16 on CUDA, float32 elsewhere
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

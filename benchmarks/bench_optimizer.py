@@ -22,7 +22,7 @@ from common import print_table, timed, write_json
 from arlab.config import load_experiment
 from arlab.generator.build import build_generator
 from arlab.layers import decay_groups
-from arlab.optim import MuonAdamW, muon_group, ns_dtype_for, split_hidden
+from arlab.optim import MuonAdamW, muon_group, split_hidden
 
 KERNELS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}, "muon": {}}
 
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
         for g in groups:
             for p in g["params"]:
                 p.grad = torch.randn_like(p)
-        opt = cls(groups, lr=1e-4, **kw)
         if kernel == "muon":
             hidden, rest = split_hidden(module)
-            opt = MuonAdamW([muon_group(hidden, 0.02, 0.95, 0.0), {"params": rest}], lr=1e-4, fused=True,
-                            ns_dtype=ns_dtype_for(hidden))
+            opt = MuonAdamW([muon_group(hidden, 0.02, 0.95, 0.0), {"params": rest}], lr=1e-4, fused=True)
+        else:
+            opt = cls(groups, lr=1e-4, **kw)
         for _ in range(args.warmup):
             opt.step()
         rows.append({"kernel": kernel, "ms_per_step": timed(opt.step, "cpu", args.repeat) * 1e3})

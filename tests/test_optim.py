@@ -45,14 +45,15 @@ def test_each_half_is_torchs_optimizer_bit_for_bit(fused):
         assert torch.equal(p, q)
 
 
-def test_a_conv_kernel_steps_as_its_matrix():
-    """A (O, I, kh, kw) kernel is orthogonalised as the (O, I·kh·kw) matrix: the same update as that matrix's."""
+def test_a_conv_kernel_steps_as_torchs_muon_on_its_matrix():
+    """A (O, I, kh, kw) kernel is orthogonalised and scaled as the (O, I·kh·kw) matrix: each step equals
+    torch.optim.Muon's on that matrix (bf16 Newton-Schulz), bit for bit."""
     (k,) = _params([(16, 4, 3, 3)], 2)
     m = nn.Parameter(k.detach().reshape(16, 36).clone())
-    a = MuonAdamW([muon_group([k], 0.05, 0.95, 0.0)], ns_dtype=torch.float32)
-    b = MuonAdamW([muon_group([m], 0.05, 0.95, 0.0)], ns_dtype=torch.float32)
-    _step_both(a, [b], [k], [m], steps=3)
-    assert torch.allclose(k.reshape(16, 36), m, atol=0, rtol=0)
+    ours = MuonAdamW([muon_group([k], 0.05, 0.95, 0.01)], ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon([m], lr=0.05, momentum=0.95, weight_decay=0.01)
+    _step_both(ours, [theirs], [k], [m], steps=3)
+    assert torch.equal(k.reshape(16, 36), m)
 
 
 @pytest.mark.parametrize("shape", [(24, 96), (96, 24), (64, 64)])
@@ -76,6 +77,7 @@ def test_a_muon_group_refuses_vectors_and_dtype_follows_the_device():
     with pytest.raises(ValueError, match="fewer than 2 dimensions"):
         MuonAdamW([muon_group(_params([(8,)], 0), 0.02, 0.95, 0.0)])
     assert ns_dtype_for(_params([(4, 4)], 0)) == torch.float32
+    assert MuonAdamW([muon_group(_params([(4, 4)], 0), 0.02, 0.95, 0.0)]).ns_dtype == torch.float32  # derived
 
 
 def test_state_dict_round_trips_through_a_fresh_optimizer():
@@ -132,25 +134,25 @@ def test_an_autoencoder_puts_its_hidden_convs_on_muon_and_its_ends_on_adamw(name
     assert len(hidden) + len(rest) == len(list(ae.parameters()))
 
 
-def _generator(order: str, shuffle: str, backbone: str = "tiny"):
-    from arlab.generator.build import build_generator
+@pytest.mark.parametrize("order,s", [("raster", 1), ("raster", 2), ("neighbor", 1), ("next_scale", 1)])
+def test_a_generator_keeps_embeddings_and_heads_on_adamw(order, s):
+    """The heads, the token embedding (VAR's: its word embedding) and the class embedding are AdamW's; every
+    backbone matrix is Muon's; a bound msvq (frozen) is neither."""
+    from tests.generator.test_model import make
 
-    return build_generator({"backbone": backbone, "order": order, "shuffle": shuffle, "conditioner": "class"},
-                           vocab_size=64, scales=(4, 4), num_classes=10)
-
-
-@pytest.mark.parametrize("order,shuffle", [("raster", "s1"), ("raster", "s2"), ("neighbor", "s1")])
-def test_a_generator_keeps_embeddings_and_heads_on_adamw(order, shuffle):
-    model = _generator(order, shuffle)
+    model = make(order, s)
     hidden, rest = split_hidden(model)
-    on_adamw = {id(model.head.weight), id(model.tok_embedding.weight)}
+    on_adamw = {id(model.head.weight), id(model.conditioner.embedding.weight)}
+    on_adamw.add(id(model.tok_embedding.weight) if model.tok_embedding is not None
+                 else id(model.order.word_embed.weight))
     if model.head2 is not None:
         on_adamw.add(id(model.head2.weight))
     hidden_ids = {id(p) for p in hidden}
     assert not hidden_ids & on_adamw and on_adamw <= {id(p) for p in rest}
     linears = {id(m.weight) for m in model.backbone.modules() if isinstance(m, nn.Linear)}
-    assert linears and linears <= hidden_ids  # every backbone matrix is Muon's
-    assert all(p.ndim >= 2 for p in hidden)
+    assert linears and linears <= hidden_ids
+    assert all(p.ndim >= 2 and p.requires_grad for p in hidden)
+    assert len(hidden) + len(rest) == sum(p.requires_grad for p in model.parameters())
 
 
 def test_adamw_only_is_a_mark_on_the_parameter():

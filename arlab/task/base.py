@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from arlab.layers import decay_groups
-from arlab.optim import MuonAdamW, muon_group, ns_dtype_for, split_hidden
+from arlab.optim import MuonAdamW, muon_group, split_hidden
 from arlab.registry import register_kind
 from arlab.schedules import warmup_cosine
 
@@ -97,8 +97,7 @@ class Task(pl.LightningModule):
         if muon is not None:
             groups = [muon_group(hidden, muon["lr"], muon["momentum"], muon["weight_decay"]),
                       *(g for g in groups if g["params"])]
-            opt: torch.optim.Optimizer = MuonAdamW(groups, lr=lr, betas=tuple(betas), fused=fused,
-                                                   ns_dtype=ns_dtype_for(params))
+            opt: torch.optim.Optimizer = MuonAdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
         else:
             opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
         total = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0

@@ -27,7 +27,7 @@ from torch import Tensor
 from arlab.config import build, check_range, validate_component
 from arlab.errors import ConfigError
 from arlab.metrics import CodebookUsage, psnr, ssim
-from arlab.optim import MuonAdamW, check_strategy, muon_group, ns_dtype_for, split_hidden
+from arlab.optim import MuonAdamW, check_strategy, muon_group, split_hidden
 from arlab.registry import register
 from arlab.schedules import warmup_cosine
 from arlab.task.base import Task
@@ -141,8 +141,7 @@ class TokenizerModule(Task):
         params = [p for g in groups for p in g["params"]]
         fused = self.fused_optimizer(params) or None
         if c.optimizer == "muon":
-            opt = MuonAdamW(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=fused,
-                            ns_dtype=ns_dtype_for(params))
+            opt = MuonAdamW(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=fused)
         else:
             cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
             opt = cls(groups, betas=tuple(c.betas), weight_decay=c.weight_decay, fused=fused)
